@@ -1,0 +1,132 @@
+"""Logical axis names for every parameter in ``ldm_jax.models``, and layer factories that
+attach them.
+
+Models name *what* an axis is; the training config maps names to mesh axes
+(``config.sharding.logical_axis_rules``), so the same model shards as pure data parallel on
+one host or as FSDP/tensor parallel on a pod without touching model code.
+
+Names:
+  ``conv_height``, ``conv_width``  spatial taps of a convolution kernel (never sharded)
+  ``embed``                        the input feature axis of a layer (channels in, model width)
+  ``mlp``                          the output/hidden feature axis of a layer
+  ``heads``                        the fused heads*head_dim axis of attention projections
+  ``vocab``                        rows of an embedding table (tokens, classes, codebook)
+  ``norm``                         scale/bias of a normalization layer (never sharded)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+Dtype = Any
+
+CONV_KERNEL = ("conv_height", "conv_width", "embed", "mlp")
+DENSE_KERNEL = ("embed", "mlp")
+EMBEDDING = ("vocab", "embed")
+
+
+def dense(
+    features: int,
+    *,
+    names: Sequence[str] = DENSE_KERNEL,
+    use_bias: bool = True,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    kernel_init=nn.initializers.lecun_normal(),
+    name: str | None = None,
+) -> nn.Dense:
+    """A Dense layer whose kernel carries ``names`` (in, out) and whose bias carries (out,)."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(kernel_init, tuple(names)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (names[-1],)),
+        name=name,
+    )
+
+
+def conv(
+    features: int,
+    kernel_size: Sequence[int] = (3, 3),
+    *,
+    strides: Sequence[int] = (1, 1),
+    padding: Any = "SAME",
+    names: Sequence[str] = CONV_KERNEL,
+    use_bias: bool = True,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    kernel_init=nn.initializers.lecun_normal(),
+    name: str | None = None,
+) -> nn.Conv:
+    """An NHWC convolution whose kernel [kh, kw, in, out] carries ``names``."""
+    return nn.Conv(
+        features,
+        kernel_size=tuple(kernel_size),
+        strides=tuple(strides),
+        padding=padding,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(kernel_init, tuple(names)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (names[-1],)),
+        name=name,
+    )
+
+
+def group_norm(
+    num_groups: int = 32,
+    *,
+    epsilon: float = 1e-5,
+    param_dtype: Dtype = jnp.float32,
+    name: str | None = None,
+) -> nn.GroupNorm:
+    """GroupNorm computed in float32 whatever the compute dtype: bf16 statistics over large
+    spatial maps lose too much precision. Callers cast the result back to their dtype."""
+    return nn.GroupNorm(
+        num_groups=num_groups,
+        epsilon=epsilon,
+        dtype=jnp.float32,
+        param_dtype=param_dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+        name=name,
+    )
+
+
+def layer_norm(
+    *, epsilon: float = 1e-5, param_dtype: Dtype = jnp.float32, name: str | None = None
+) -> nn.LayerNorm:
+    """LayerNorm in float32 (see ``group_norm``)."""
+    return nn.LayerNorm(
+        epsilon=epsilon,
+        dtype=jnp.float32,
+        param_dtype=param_dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+        name=name,
+    )
+
+
+def embed(
+    num_embeddings: int,
+    features: int,
+    *,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    embedding_init=nn.initializers.normal(stddev=0.02),
+    name: str | None = None,
+) -> nn.Embed:
+    """An embedding table [num_embeddings, features] carrying ``("vocab", "embed")``."""
+    return nn.Embed(
+        num_embeddings,
+        features,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        embedding_init=nn.with_logical_partitioning(embedding_init, EMBEDDING),
+        name=name,
+    )
