@@ -167,3 +167,19 @@ def extract(values: jnp.ndarray, t: jnp.ndarray, ndim: int) -> jnp.ndarray:
     t = jnp.asarray(t)
     out = values[t]
     return out.reshape(out.shape + (1,) * (ndim - out.ndim))
+
+
+def sigma_at(schedule: Schedule, t: jnp.ndarray) -> jnp.ndarray:
+    """sigma(t) = sqrt((1 - abar_t) / abar_t) at integer or fractional timesteps.
+
+    Fractional ``t`` (which Karras-sigma samplers produce) interpolates log(sigma) linearly
+    between neighbouring integer timesteps, the same convention diffusers uses to map a
+    sigma back to a timestep, so a model evaluated at the fractional timestep sees the noise
+    level the sampler intended.
+    """
+    t = jnp.asarray(t, jnp.float32)
+    log_sigmas = jnp.log(schedule.sigmas)
+    lo = jnp.clip(jnp.floor(t), 0, schedule.num_timesteps - 1).astype(jnp.int32)
+    hi = jnp.clip(lo + 1, 0, schedule.num_timesteps - 1)
+    w = t - lo
+    return jnp.exp((1.0 - w) * log_sigmas[lo] + w * log_sigmas[hi])
