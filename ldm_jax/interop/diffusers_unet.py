@@ -1,0 +1,203 @@
+"""Load and save diffusers ``UNet2DConditionModel`` folders (``config.json`` +
+``diffusion_pytorch_model.safetensors`` or ``.bin``) as ``ldm_jax.models.unet.UNet`` params.
+
+The parameter tree of ``UNet`` mirrors the diffusers state dict: a flax path
+``down_blocks_0/attentions_1/transformer_blocks_0/attn1/to_out_0/kernel`` is the torch key
+``down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_out.0.weight``. Conversion walks the
+*model's* parameter tree (from ``jax.eval_shape``, nothing allocated) and takes each tensor from a
+:class:`~ldm_jax.interop.torch_weights.StateDict`, so a missing key, an unused key or a shape
+mismatch raises :class:`~ldm_jax.interop.torch_weights.WeightsError` naming the key.
+
+Example::
+
+    unet, params = load_diffusers_unet("stable-diffusion-v1-5/unet")
+    eps = unet.apply({"params": params}, x_nhwc, t, context=text_embeddings)
+    save_diffusers_unet("out/unet", unet, params)   # UNet2DConditionModel.from_pretrained("out/unet")
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import re
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from ldm_jax.interop.torch_weights import (
+    StateDict,
+    WeightsError,
+    conv_from_flax,
+    conv_to_flax,
+    linear_from_flax,
+    linear_to_flax,
+    load_state_dict,
+    save_state_dict,
+)
+from ldm_jax.models.unet import UNet
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model"
+
+# Module names that are list indices in diffusers (``resnets.0``), written ``resnets_0`` in flax.
+_LIST_MODULES = re.compile(
+    r"^(down_blocks|up_blocks|resnets|attentions|transformer_blocks|downsamplers|upsamplers|to_out|net)_(\d+)$"
+)
+_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "bias": "bias", "embedding": "weight"}
+
+
+def diffusers_key(path: tuple[str, ...]) -> str:
+    """Flax param path -> diffusers state-dict key."""
+    parts = []
+    for name in path[:-1]:
+        m = _LIST_MODULES.match(name)
+        parts.append(f"{m.group(1)}.{m.group(2)}" if m else name)
+    leaf = path[-1]
+    if leaf not in _LEAF_NAMES:
+        raise ValueError(f"no diffusers name for parameter {'/'.join(path)}")
+    parts.append(_LEAF_NAMES[leaf])
+    return ".".join(parts)
+
+
+def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    if path[-1] == "kernel":
+        if len(shape) == 4:
+            kh, kw, cin, cout = shape
+            return (cout, cin, kh, kw)
+        if len(shape) == 2:
+            return (shape[1], shape[0])
+    return tuple(shape)
+
+
+def abstract_params(unet: UNet) -> dict:
+    """The unboxed param tree of ``unet`` as ShapeDtypeStructs (nothing allocated)."""
+    boxed = jax.eval_shape(lambda: unet.init(jax.random.PRNGKey(0), **unet.dummy_inputs()))
+    return nn.meta.unbox(boxed)["params"]
+
+
+def params_from_diffusers_state_dict(
+    unet: UNet, state_dict: Mapping[str, np.ndarray], source: str = "state dict"
+) -> dict:
+    """Convert a diffusers ``UNet2DConditionModel`` state dict into ``unet``'s params.
+
+    Every model parameter must be found with the right shape, and every checkpoint tensor
+    used; otherwise :class:`WeightsError` names the key. Arrays are cast to ``unet.param_dtype``.
+    Returns the (unboxed) ``params`` collection.
+    """
+    sd = state_dict if isinstance(state_dict, StateDict) else StateDict(state_dict, source=source)
+    flat = traverse_util.flatten_dict(abstract_params(unet))
+    out = {}
+    for path, leaf in flat.items():
+        key = diffusers_key(path)
+        expected = _torch_shape(path, leaf.shape)
+        if path[-1] == "kernel" and len(leaf.shape) == 4 and leaf.shape[:2] == (1, 1) and key in sd:
+            # A 1x1 conv may be stored as a Linear weight [out, in] (conversions of SD 2.x
+            # checkpoints do this); accept both layouts.
+            value = sd.take(key)
+            if tuple(value.shape) not in (expected, expected[:2]):
+                raise WeightsError(
+                    f"shape mismatch for key {key!r} in {sd.source}: checkpoint has {tuple(value.shape)}, "
+                    f"model expects {expected}"
+                )
+        else:
+            value = sd.take(key, expected)
+        value = np.asarray(value, dtype=np.float32)
+        if path[-1] == "kernel":
+            value = conv_to_flax(value) if len(leaf.shape) == 4 else linear_to_flax(value)
+        out[path] = jnp.asarray(value, dtype=unet.param_dtype)
+    sd.finish()
+    return traverse_util.unflatten_dict(out)
+
+
+def params_to_diffusers_state_dict(unet: UNet, params, dtype=np.float32) -> dict[str, np.ndarray]:
+    """``unet``'s params (boxed or not; with or without the outer ``{"params": ...}``) as a
+    diffusers state dict of NumPy arrays in ``dtype``."""
+    params = nn.meta.unbox(params)
+    if set(params.keys()) == {"params"}:
+        params = params["params"]
+    expected = traverse_util.flatten_dict(abstract_params(unet))
+    flat = traverse_util.flatten_dict(params)
+    missing = sorted("/".join(p) for p in set(expected) - set(flat))
+    extra = sorted("/".join(p) for p in set(flat) - set(expected))
+    if missing or extra:
+        raise WeightsError(f"params do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    out = {}
+    for path, value in flat.items():
+        if tuple(value.shape) != tuple(expected[path].shape):
+            raise WeightsError(f"param {'/'.join(path)} has shape {value.shape}, model expects {expected[path].shape}")
+        value = np.asarray(jax.device_get(value), dtype=np.float32)
+        if path[-1] == "kernel":
+            value = conv_from_flax(value) if value.ndim == 4 else linear_from_flax(value)
+        out[diffusers_key(path)] = value.astype(dtype)
+    return out
+
+
+def _find_weights(folder: str, variant: str | None) -> list[str]:
+    suffix = f".{variant}" if variant else ""
+    for ext in (".safetensors", ".bin"):
+        single = os.path.join(folder, f"{WEIGHTS_NAME}{suffix}{ext}")
+        if os.path.isfile(single):
+            return [single]
+        index = os.path.join(folder, f"{WEIGHTS_NAME}{suffix}{ext}.index.json")
+        if os.path.isfile(index):
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            return [os.path.join(folder, s) for s in shards]
+    raise FileNotFoundError(
+        f"no {WEIGHTS_NAME}{suffix}.safetensors or .bin (or sharded index) in {folder}"
+    )
+
+
+def _resolve_folder(path: str) -> str:
+    path = os.fspath(path)
+    if os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        return path
+    sub = os.path.join(path, "unet")
+    if os.path.isfile(os.path.join(sub, CONFIG_NAME)):
+        return sub  # a whole pipeline folder
+    raise FileNotFoundError(f"no {CONFIG_NAME} in {path} (nor in {sub})")
+
+
+def load_diffusers_unet(path, *, variant: str | None = None, **unet_overrides) -> tuple[UNet, dict]:
+    """Load a diffusers ``UNet2DConditionModel`` folder (or a pipeline folder with ``unet/``).
+
+    ``variant`` selects e.g. ``diffusion_pytorch_model.fp16.safetensors``. ``unet_overrides``
+    (``dtype``, ``param_dtype``, ``remat``, ``attention_implementation``) go to the module.
+    ``.bin`` files are read with ``torch.load(weights_only=True)``, never plain pickle.
+
+    Returns ``(unet, params)`` with ``params`` the unboxed ``"params"`` collection; call
+    ``unet.apply({"params": params}, x, t, context)``.
+    """
+    folder = _resolve_folder(path)
+    with open(os.path.join(folder, CONFIG_NAME)) as f:
+        config = json.load(f)
+    unet = UNet.from_diffusers_config(config, **unet_overrides)
+    tensors: dict[str, np.ndarray] = {}
+    files = _find_weights(folder, variant)
+    for file in files:
+        tensors.update(load_state_dict(file))
+    params = params_from_diffusers_state_dict(unet, tensors, source=", ".join(files))
+    return unet, params
+
+
+def save_diffusers_unet(path, unet: UNet, params, *, dtype=np.float32) -> None:
+    """Write ``config.json`` and ``diffusion_pytorch_model.safetensors`` (weights in ``dtype``,
+    default float32) so that ``UNet2DConditionModel.from_pretrained(path)`` loads the same network."""
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    state = params_to_diffusers_state_dict(unet, params, dtype=dtype)
+    config: dict[str, Any] = unet.to_diffusers_config()
+    try:
+        config["_diffusers_version"] = importlib.metadata.version("diffusers")
+    except importlib.metadata.PackageNotFoundError:  # informational only
+        pass
+    save_state_dict(state, os.path.join(path, f"{WEIGHTS_NAME}.safetensors"), metadata={"format": "pt"})
+    tmp = os.path.join(path, CONFIG_NAME + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    os.replace(tmp, os.path.join(path, CONFIG_NAME))
