@@ -15,6 +15,15 @@ from ldm_jax.diffusion.schedules import Schedule, extract
 PREDICTION_TYPES = ("eps", "x0", "v")
 
 
+def _check_timesteps(t, x: jnp.ndarray) -> None:
+    # A [B'] timestep vector with B' != B would otherwise broadcast into a [B', B, ...] array
+    # or fail deep inside XLA; name both shapes instead.
+    t_shape = jnp.shape(t)
+    batch = x.shape[0] if x.ndim else None
+    if len(t_shape) > 1 or (len(t_shape) == 1 and t_shape[0] not in (1, batch)):
+        raise ValueError(f"timesteps t of shape {t_shape} do not match the batch of x with shape {x.shape}")
+
+
 def _check_prediction(prediction: str) -> None:
     if prediction not in PREDICTION_TYPES:
         raise ValueError(f"unknown prediction type {prediction!r}; expected one of {PREDICTION_TYPES}")
@@ -29,6 +38,7 @@ def q_sample(schedule: Schedule, x0: jnp.ndarray, t: jnp.ndarray, noise: jnp.nda
     """
     if noise.shape != x0.shape:
         raise ValueError(f"noise shape {noise.shape} does not match x0 shape {x0.shape}")
+    _check_timesteps(t, x0)
     a = extract(schedule.sqrt_alphas_cumprod, t, x0.ndim)
     s = extract(schedule.sqrt_one_minus_alphas_cumprod, t, x0.ndim)
     return (a * x0 + s * noise).astype(x0.dtype)
@@ -41,6 +51,7 @@ def q_posterior(schedule: Schedule, x0: jnp.ndarray, x_t: jnp.ndarray, t: jnp.nd
     """
     if x0.shape != x_t.shape:
         raise ValueError(f"x0 shape {x0.shape} does not match x_t shape {x_t.shape}")
+    _check_timesteps(t, x_t)
     mean = (
         extract(schedule.posterior_mean_coef1, t, x_t.ndim) * x0
         + extract(schedule.posterior_mean_coef2, t, x_t.ndim) * x_t
@@ -97,6 +108,7 @@ def to_eps_and_x0(schedule: Schedule, model_output, x_t, t, prediction: str = "e
     _check_prediction(prediction)
     if model_output.shape != x_t.shape:
         raise ValueError(f"model output shape {model_output.shape} does not match x_t shape {x_t.shape}")
+    _check_timesteps(t, x_t)
     if prediction == "eps":
         eps = model_output
         x0 = x0_from_eps(schedule, x_t, t, eps)
@@ -112,6 +124,9 @@ def to_eps_and_x0(schedule: Schedule, model_output, x_t, t, prediction: str = "e
 def training_target(schedule: Schedule, x0, noise, t, prediction: str = "eps"):
     """The regression target of a denoiser trained with the given parameterisation."""
     _check_prediction(prediction)
+    if noise.shape != x0.shape:
+        raise ValueError(f"noise shape {noise.shape} does not match x0 shape {x0.shape}")
+    _check_timesteps(t, x0)
     if prediction == "eps":
         return noise
     if prediction == "x0":

@@ -175,9 +175,13 @@ def sigma_at(schedule: Schedule, t: jnp.ndarray) -> jnp.ndarray:
     Fractional ``t`` (which Karras-sigma samplers produce) interpolates log(sigma) linearly
     between neighbouring integer timesteps, the same convention diffusers uses to map a
     sigma back to a timestep, so a model evaluated at the fractional timestep sees the noise
-    level the sampler intended.
+    level the sampler intended. ``t`` outside ``[0, T - 1]`` is clamped to that range.
+
+    Args: t, float or int timesteps of any shape. Returns: sigma, float32, same shape as t.
     """
-    t = jnp.asarray(t, jnp.float32)
+    # Clamping t first keeps out-of-range timesteps at the end sigmas instead of
+    # extrapolating log(sigma) linearly past t = 0.
+    t = jnp.clip(jnp.asarray(t, jnp.float32), 0.0, schedule.num_timesteps - 1)
     log_sigmas = jnp.log(schedule.sigmas)
     lo = jnp.clip(jnp.floor(t), 0, schedule.num_timesteps - 1).astype(jnp.int32)
     hi = jnp.clip(lo + 1, 0, schedule.num_timesteps - 1)
