@@ -135,8 +135,10 @@ def _schedule_from_betas(betas: np.ndarray, terminal_alphas_cumprod: float) -> S
     alphas = 1.0 - betas
     abar = np.cumprod(alphas)
     abar_prev = np.concatenate([[1.0], abar[:-1]])
-    # Only the quantities that divide by abar see the floor; q_sample uses the exact value.
-    abar_safe = np.maximum(abar, terminal_alphas_cumprod)
+    # Only an exact zero (zero terminal SNR) is replaced, and only in the quantities that divide
+    # by abar; q_sample uses the exact value. A tiny but positive abar (the cosine schedule ends
+    # at ~2e-9) is kept, so sigma_max matches diffusers.
+    abar_safe = np.where(abar > 0, abar, terminal_alphas_cumprod)
     posterior_variance = betas * (1.0 - abar_prev) / (1.0 - abar)
     posterior_log_variance_clipped = np.log(
         np.concatenate([posterior_variance[1:2], posterior_variance[1:]])
