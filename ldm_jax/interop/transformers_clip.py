@@ -1,0 +1,175 @@
+"""Convert between transformers ``CLIPTextModel`` folders and :class:`CLIPTextEncoder` params.
+
+A folder holds ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``, or a
+sharded ``model.safetensors.index.json``); a diffusers pipeline's ``text_encoder/`` folder is
+such a folder. Keys may carry the ``text_model.`` prefix (transformers < 5 and every Stable
+Diffusion checkpoint) or not (transformers >= 5); both load. Export writes ``text_model.``-
+prefixed keys, which both transformers 4.x and 5.x read.
+
+    module, params = load_clip_text_encoder("sd15/text_encoder")
+    out = module.apply({"params": params}, ids)
+    save_clip_text_encoder("out/text_encoder", module.config, params)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax.core import meta
+
+from ldm_jax.interop.torch_weights import (
+    StateDict,
+    WeightsError,
+    linear_from_flax,
+    linear_to_flax,
+    load_state_dict,
+    save_state_dict,
+)
+from ldm_jax.models.clip import CLIPTextConfig, CLIPTextEncoder
+
+EXPORT_PREFIX = "text_model."
+_NON_PARAMETER_BUFFERS = ("embeddings.position_ids",)
+
+
+def _layer_names(config: CLIPTextConfig):
+    """(flax path, torch name, kind) for every parameter; kind in {linear, norm, embed}."""
+    yield ("embeddings", "token_embedding"), "embeddings.token_embedding", "embed"
+    yield ("embeddings", "position_embedding"), "embeddings.position_embedding", "embed"
+    for i in range(config.num_hidden_layers):
+        f, t = ("encoder", f"layers_{i}"), f"encoder.layers.{i}"
+        yield f + ("layer_norm1",), f"{t}.layer_norm1", "norm"
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            yield f + ("self_attn", proj), f"{t}.self_attn.{proj}", "linear"
+        yield f + ("layer_norm2",), f"{t}.layer_norm2", "norm"
+        yield f + ("mlp", "fc1"), f"{t}.mlp.fc1", "linear"
+        yield f + ("mlp", "fc2"), f"{t}.mlp.fc2", "linear"
+    yield ("final_layer_norm",), "final_layer_norm", "norm"
+
+
+def _detect_prefix(state: StateDict) -> str:
+    if state.has_prefix(EXPORT_PREFIX):
+        return EXPORT_PREFIX
+    return ""
+
+
+def params_from_state_dict(
+    tensors: Mapping[str, np.ndarray], config: CLIPTextConfig, source: str = "checkpoint", dtype=jnp.float32
+) -> dict:
+    """A flat torch ``CLIPTextModel`` state dict -> Flax params for ``CLIPTextEncoder(config)``.
+
+    Raises ``WeightsError`` naming any missing, unexpected or mis-shaped key. The
+    ``position_ids`` buffer is skipped when present.
+    """
+    state = StateDict(tensors, source=source)
+    prefix = _detect_prefix(state)
+    for buffer in _NON_PARAMETER_BUFFERS:
+        if prefix + buffer in state:
+            state.skip(prefix + buffer)
+    d, inner = config.hidden_size, config.intermediate_size
+    linear_shapes = {"q_proj": (d, d), "k_proj": (d, d), "v_proj": (d, d), "out_proj": (d, d),
+                     "fc1": (inner, d), "fc2": (d, inner)}
+    params: dict = {}
+    for path, torch_name, kind in _layer_names(config):
+        key = prefix + torch_name
+        if kind == "embed":
+            rows = config.vocab_size if path[-1] == "token_embedding" else config.max_position_embeddings
+            leaf = {"embedding": state.take(key + ".weight", (rows, d))}
+        elif kind == "norm":
+            leaf = {"scale": state.take(key + ".weight", (d,)), "bias": state.take(key + ".bias", (d,))}
+        else:
+            out_dim, in_dim = linear_shapes[path[-1]]
+            leaf = {"kernel": linear_to_flax(state.take(key + ".weight", (out_dim, in_dim))),
+                    "bias": state.take(key + ".bias", (out_dim,))}
+        node = params
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = {k: jnp.asarray(np.asarray(v, dtype=np.float32), dtype=dtype) for k, v in leaf.items()}
+    state.finish()
+    return params
+
+
+def state_dict_from_params(params: Mapping, config: CLIPTextConfig, prefix: str = EXPORT_PREFIX) -> dict[str, np.ndarray]:
+    """Flax params (boxed or not) -> flat torch ``CLIPTextModel`` state dict (float32 NumPy)."""
+    params = meta.unbox(params)
+    if "params" in params and "embeddings" not in params:
+        params = params["params"]
+    out = {}
+    for path, torch_name, kind in _layer_names(config):
+        node = params
+        try:
+            for name in path:
+                node = node[name]
+        except KeyError as e:
+            raise WeightsError(f"params are missing {'/'.join(path)}") from e
+        as_np = lambda x: np.asarray(x, dtype=np.float32)  # noqa: E731
+        key = prefix + torch_name
+        if kind == "embed":
+            out[key + ".weight"] = as_np(node["embedding"])
+        elif kind == "norm":
+            out[key + ".weight"] = as_np(node["scale"])
+            out[key + ".bias"] = as_np(node["bias"])
+        else:
+            out[key + ".weight"] = linear_from_flax(as_np(node["kernel"]))
+            out[key + ".bias"] = as_np(node["bias"])
+    return out
+
+
+def _read_folder_weights(folder: str) -> dict[str, np.ndarray]:
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        tensors: dict[str, np.ndarray] = {}
+        for shard in shards:
+            tensors.update(load_state_dict(os.path.join(folder, shard)))
+        return tensors
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return load_state_dict(path)
+    raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {folder}")
+
+
+def load_clip_text_encoder(
+    folder: str | os.PathLike,
+    *,
+    context_layer: str = "last",
+    context_final_norm: bool = True,
+    dtype: Any = jnp.float32,
+    param_dtype: Any = jnp.float32,
+) -> tuple[CLIPTextEncoder, dict]:
+    """Load a transformers ``CLIPTextModel`` folder -> ``(module, params)`` (unboxed arrays).
+
+    A diffusers pipeline folder works too (its ``text_encoder/`` subfolder is used).
+    """
+    folder = os.fspath(folder)
+    if not os.path.isfile(os.path.join(folder, "config.json")) and os.path.isfile(
+        os.path.join(folder, "text_encoder", "config.json")
+    ):
+        folder = os.path.join(folder, "text_encoder")
+    config_path = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"config.json not found in {folder}")
+    with open(config_path, encoding="utf-8") as f:
+        config = CLIPTextConfig.from_dict(json.load(f))
+    params = params_from_state_dict(_read_folder_weights(folder), config, source=folder, dtype=param_dtype)
+    module = CLIPTextEncoder(config, context_layer=context_layer, context_final_norm=context_final_norm,
+                             dtype=dtype, param_dtype=param_dtype)
+    return module, params
+
+
+def save_clip_text_encoder(folder: str | os.PathLike, config: CLIPTextConfig, params: Mapping) -> None:
+    """Write ``config.json`` + ``model.safetensors`` that ``transformers.CLIPTextModel.from_pretrained``
+    loads."""
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    save_state_dict(state_dict_from_params(params, config), os.path.join(folder, "model.safetensors"),
+                    metadata={"format": "pt"})
+    tmp = os.path.join(folder, "config.json.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+    os.replace(tmp, os.path.join(folder, "config.json"))
