@@ -208,6 +208,33 @@ class DataLoader:
 _DONE = object()
 
 
+def _make_batch(loader: DataLoader, sharding: Optional[NamedSharding], step: int) -> dict:
+    batch = loader.get_batch(step)
+    return batch if sharding is None else make_global_batch(batch, sharding)
+
+
+def _put(out: queue.Queue, stopped: threading.Event, item) -> bool:
+    """Blocks until there is room or the iterator is closed; returns False if closed."""
+    while not stopped.is_set():
+        try:
+            out.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _produce(loader, sharding, step, stop_step, out: queue.Queue, stopped: threading.Event) -> None:
+    try:
+        while not stopped.is_set() and (stop_step is None or step < stop_step):
+            if not _put(out, stopped, _make_batch(loader, sharding, step)):
+                return
+            step += 1
+        _put(out, stopped, _DONE)
+    except BaseException as error:  # surfaced to the consumer on its next __next__
+        _put(out, stopped, _Failure(error))
+
+
 class _Failure:
     def __init__(self, error: BaseException):
         self.error = error
@@ -232,33 +259,18 @@ class BatchIterator(Iterator[dict]):
         self._thread: Optional[threading.Thread] = None
         if self._prefetch > 0:
             self._queue = queue.Queue(maxsize=self._prefetch)
-            self._thread = threading.Thread(target=self._produce, name="ldm_jax_prefetch", daemon=True)
+            # The thread gets no reference to the iterator, so an abandoned iterator is garbage
+            # collected and its __del__ stops the thread.
+            self._thread = threading.Thread(
+                target=_produce,
+                args=(loader, sharding, self.position, self._stop_step, self._queue, self._stopped),
+                name="ldm_jax_prefetch",
+                daemon=True,
+            )
             self._thread.start()
 
     def _make(self, step: int) -> dict:
-        batch = self.loader.get_batch(step)
-        return batch if self._sharding is None else make_global_batch(batch, self._sharding)
-
-    def _put(self, item) -> bool:
-        """Blocks until there is room or the iterator is closed; returns False if closed."""
-        while not self._stopped.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _produce(self) -> None:
-        step = self.position
-        try:
-            while not self._stopped.is_set() and (self._stop_step is None or step < self._stop_step):
-                if not self._put(self._make(step)):
-                    return
-                step += 1
-            self._put(_DONE)
-        except BaseException as error:  # surfaced to the consumer on its next __next__
-            self._put(_Failure(error))
+        return _make_batch(self.loader, self._sharding, step)
 
     def __next__(self) -> dict:
         if self._stop_step is not None and self.position >= self._stop_step:
@@ -290,4 +302,6 @@ class BatchIterator(Iterator[dict]):
         self.close()
 
     def __del__(self):
-        self._stopped.set()
+        stopped = getattr(self, "_stopped", None)  # absent if __init__ raised early
+        if stopped is not None:
+            stopped.set()
