@@ -1,0 +1,103 @@
+"""The train state and its sharded creation.
+
+``TrainState`` holds only arrays (no apply_fn / tx), so the same tree is the jit argument,
+the checkpoint item and the target of ``out_shardings``; the optimizer and the loss are
+bound into the step by ``ldm_jax.training.step``.
+
+Creation never materialises the whole state on one device: ``jax.eval_shape`` gives the
+abstract state with logical names, the rules turn those into NamedShardings, and the init
+itself is ``jax.jit(..., out_shardings=...)`` so each device computes only its shards.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from ldm_jax.training import mesh as mesh_lib
+
+# key -> params tree, possibly boxed in nn.LogicallyPartitioned (``model.init(...)["params"]``).
+InitParamsFn = Callable[[jax.Array], Any]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """step: int32 [] (optimizer updates done); params, ema_params: float32 trees;
+    opt_state: optax state; rng: uint32 key data of the run's base key (per-step keys are
+    ``fold_in(base, step)``, see ``step_key``)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ema_params: Any
+    rng: jax.Array
+
+
+def _init_state(init_params: InitParamsFn, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    base = jax.random.key(seed)
+    params_key, run_key = jax.random.split(base)
+    params = nn.unbox(init_params(params_key))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        # A real copy: ema_params and params are donated separately by the train step.
+        ema_params=jax.tree.map(jnp.copy, params),
+        rng=jax.random.key_data(run_key),
+    )
+
+
+def state_shardings(
+    init_params: InitParamsFn,
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    rules: mesh_lib.LogicalRules,
+    seed: int = 0,
+) -> tuple[TrainState, TrainState]:
+    """``(abstract_state, shardings)``: ShapeDtypeStructs of the state and a TrainState of
+    NamedShardings. Params and EMA follow the logical rules; optimizer-state copies of the
+    params get their param's sharding; scalars and the key are replicated."""
+    boxed = jax.eval_shape(init_params, jax.random.key(seed))
+    abstract_params = nn.unbox(boxed)
+    p_shardings = mesh_lib.param_shardings(boxed, mesh, rules)
+    abstract_state = jax.eval_shape(functools.partial(_init_state, init_params, tx, seed))
+    replicated = mesh_lib.replicated(mesh)
+    shardings = TrainState(
+        step=replicated,
+        params=p_shardings,
+        opt_state=mesh_lib.mirror_param_shardings(abstract_state.opt_state, abstract_params, p_shardings, mesh),
+        ema_params=p_shardings,
+        rng=replicated,
+    )
+    return abstract_state, shardings
+
+
+def create_sharded_state(
+    init_params: InitParamsFn, tx: optax.GradientTransformation, shardings: TrainState, seed: int
+) -> TrainState:
+    """The initial state, computed in place on the devices with ``shardings``.
+
+    ``seed`` is a Python int baked into the program, so every process of a multi-host run
+    builds the same state without exchanging host data."""
+    init = jax.jit(functools.partial(_init_state, init_params, tx, seed), out_shardings=shardings)
+    return init()
+
+
+def abstract_with_shardings(abstract_state: TrainState, shardings: TrainState) -> TrainState:
+    """ShapeDtypeStructs carrying shardings: the restore target for a checkpoint."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
+    )
+
+
+def step_key(rng: jax.Array, step: Any) -> jax.Array:
+    """The PRNG key of update ``step``: ``fold_in(base, step)``. Depends only on the base key
+    and the step, so a resumed run draws the same noise as an uninterrupted one."""
+    return jax.random.fold_in(jax.random.wrap_key_data(rng), step)
