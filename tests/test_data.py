@@ -424,6 +424,8 @@ def test_tfds_source_under_mock_data_matches_raw_examples():
         flowers = build_dataset(dict(name="tfds:oxford_flowers102", resolution=16, label_key=None, split="test"))
         image = flowers[3]["image"]
         assert image.shape == (16, 16, 3) and image.min() >= -1 and image.max() <= 1 and "label" not in flowers[3]
+        celeb = build_dataset(dict(name="tfds:celeb_a", resolution=16))  # 218x178, no ClassLabel
+        assert celeb[0]["image"].shape == (16, 16, 3) and celeb.num_classes is None and "label" not in celeb[0]
         # Through the loader, with two reader threads.
         batch = build_loader(dict(name="tfds:mnist", resolution=28, seed=4), 8, source=mnist).get_batch(1)
         assert batch["image"].shape == (8, 28, 28, 1)
@@ -488,8 +490,9 @@ def test_tfds_tfrecord_offset_index_matches_tf_data_reading(prepared_tfds_dirs):
             np.testing.assert_array_equal(example["image"], expected_image)
             assert example["label"] == expected["label"]
             assert example["caption"] == expected["text"].decode()
-    with pytest.raises(ValueError, match="'validation'"):
-        build_dataset({**config, "data_dir": prepared_tfds_dirs["tfrecord"], "split": "validation"})
+    for data_dir in prepared_tfds_dirs.values():
+        with pytest.raises(ValueError, match="'validation'"):
+            build_dataset({**config, "data_dir": data_dir, "split": "validation"})
 
 
 # --------------------------------------------------------------------------------------------

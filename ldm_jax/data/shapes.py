@@ -3,8 +3,9 @@
 Every example is a single shape (circle, square, triangle, diamond or star) of one of three
 sizes and eight colours, placed in one cell of a 3x3 grid on a plain background, e.g.
 ``"a small red circle at the top left on a black background"``. The image is a pure function
-of ``(seed, index)``, rendered with Pillow at 4x (2x above 256 px) supersampling and reduced
-with a box filter, which is exact area-averaged anti-aliasing. Text-to-image, class-conditional
+of ``(seed, index)``, rendered with Pillow at 4x supersampling (of the shape's bounding box only)
+and reduced with a box filter, i.e. area-averaged anti-aliasing; pixel values are not
+quantised to 8 bits. Text-to-image, class-conditional
 and unconditional pipelines can all be exercised on it at any resolution with no download.
 
 Geometry (in units of the image side): the *size* is the larger side of the shape's bounding
@@ -21,7 +22,7 @@ import math
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ldm_jax.data.images import check_channels, check_resolution, pil_to_model_array
+from ldm_jax.data.images import check_channels, check_resolution
 
 SHAPE_NAMES = ("circle", "square", "triangle", "diamond", "star")
 SHAPE_COLORS = {
@@ -58,6 +59,7 @@ _CELL_MARGIN = 0.06
 _IMAGE_MARGIN = 0.01
 # A background must differ from the shape colour by this much (RGB Euclidean) to be used.
 _MIN_CONTRAST = 150.0
+_LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R 601, as Pillow's "L"
 _STAR_INNER_RATIO = math.sin(math.radians(18)) / math.sin(math.radians(54))  # regular pentagram
 
 
@@ -145,7 +147,7 @@ class ShapesSource:
         self.num_examples = int(num_examples)
         self.seed = int(seed)
         self.label_mode = label_mode
-        self.supersample = 4 if self.resolution <= 256 else 2
+        self.supersample = 4
         colors = tuple(SHAPE_COLORS)
         if label_mode == "shape":
             self.class_names = SHAPE_NAMES
@@ -185,25 +187,54 @@ class ShapesSource:
             centre.append(float(rng.uniform(lo, hi)))
         return ShapeSpec(shape, color, size, row, column, background, centre[0], centre[1])
 
-    def render(self, spec: ShapeSpec) -> Image.Image:
-        """Renders a spec to an RGB PIL image of side ``resolution``."""
-        side = self.resolution * self.supersample
-        canvas = Image.new("RGB", (side, side), BACKGROUND_COLORS[spec.background])
-        draw = ImageDraw.Draw(canvas)
-        fill = SHAPE_COLORS[spec.color]
+    def _coverage_patch(self, spec: ShapeSpec) -> tuple[np.ndarray, slice, slice]:
+        """Pixel coverage in [0, 1] of the shape over its bounding box (plus a pixel of margin):
+        a float32 [h, w] patch and the (rows, columns) slices it occupies in the image.
+
+        Only that patch is rasterised, at ``supersample``x resolution, and box-filtered down, so
+        the cost scales with the shape rather than the image.
+        """
+        res, ss = self.resolution, self.supersample
         extent = SIZE_EXTENTS[spec.size]
         outline = _unit_outline(spec.shape)
-        # Continuous coordinate u in [0, 1] maps to u * side on the canvas (pixel edges).
-        cx, cy = spec.center_x * side, spec.center_y * side
+        centre = np.array([spec.center_x, spec.center_y]) * res
         if outline is None:
-            radius = 0.5 * extent * side
-            draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=fill)
+            points = None
+            low, high = centre - 0.5 * extent * res, centre + 0.5 * extent * res
         else:
-            points = outline * extent * side + np.array([cx, cy])
-            draw.polygon([tuple(p) for p in points], fill=fill)
-        if self.supersample == 1:
-            return canvas
-        return canvas.resize((self.resolution, self.resolution), resample=Image.Resampling.BOX)
+            points = outline * extent * res + centre
+            low, high = points.min(axis=0), points.max(axis=0)
+        x0, y0 = np.maximum(np.floor(low).astype(int) - 1, 0)
+        x1, y1 = np.minimum(np.ceil(high).astype(int) + 1, res)
+        patch = Image.new("F", ((x1 - x0) * ss, (y1 - y0) * ss), 0.0)
+        draw = ImageDraw.Draw(patch)
+        # Continuous pixel coordinate u maps to (u - patch origin) * ss on the patch (pixel edges).
+        origin = np.array([x0, y0])
+        if points is None:
+            cx, cy = (centre - origin) * ss
+            radius = 0.5 * extent * res * ss
+            draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=1.0)
+        else:
+            draw.polygon([tuple(p) for p in (points - origin) * ss], fill=1.0)
+        alpha = np.asarray(patch.resize((x1 - x0, y1 - y0), resample=Image.Resampling.BOX), dtype=np.float32)
+        return alpha, slice(int(y0), int(y1)), slice(int(x0), int(x1))
+
+    def _compose(self, spec: ShapeSpec, background: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+        """float32 [res, res, C]: ``background`` blended towards ``foreground`` (both [C]) by coverage."""
+        alpha, rows, columns = self._coverage_patch(spec)
+        image = np.empty((self.resolution, self.resolution, background.shape[-1]), np.float32)
+        image[...] = background
+        image[rows, columns] += alpha[..., None] * (foreground - background)
+        return image
+
+    def render(self, spec: ShapeSpec) -> np.ndarray:
+        """float32 [res, res, 3] RGB in [0, 255] (not quantised): exact area-averaged
+        anti-aliasing of the shape edge, up to the supersampling."""
+        return self._compose(
+            spec,
+            np.asarray(BACKGROUND_COLORS[spec.background], np.float32),
+            np.asarray(SHAPE_COLORS[spec.color], np.float32),
+        )
 
     def label_of(self, spec: ShapeSpec) -> int:
         if self.label_mode == "shape":
@@ -215,8 +246,16 @@ class ShapesSource:
 
     def __getitem__(self, index: int) -> dict:
         spec = self.spec(index)
+        # Blending is linear, so mapping the two colours (to [-1, 1], and to luma for C = 1)
+        # before blending equals mapping the blended RGB image, at a fraction of the cost.
+        colors = []
+        for rgb in (BACKGROUND_COLORS[spec.background], SHAPE_COLORS[spec.color]):
+            color = np.asarray(rgb, np.float32)
+            if self.channels == 1:
+                color = color @ _LUMA_WEIGHTS[:, None]
+            colors.append(color * np.float32(2.0 / 255.0) - np.float32(1.0))
         return {
-            "image": pil_to_model_array(self.render(spec), self.channels),
+            "image": self._compose(spec, *colors),
             "label": np.int32(self.label_of(spec)),
             "caption": spec.caption,
         }
