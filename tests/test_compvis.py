@@ -277,7 +277,8 @@ SD2_OVERRIDES = {"vae": {"norm_num_groups": 16}}
 
 def _assert_same_tensors(ours: dict, reference: dict, what: str) -> None:
     assert sorted(ours) == sorted(reference), (
-        f"{what}: only ours {sorted(set(ours) - set(reference))[:5]}, only reference {sorted(set(reference) - set(ours))[:5]}"
+        f"{what}: only ours {sorted(set(ours) - set(reference))[:5]}, "
+        f"only reference {sorted(set(reference) - set(ours))[:5]}"
     )
     for key in reference:
         ref = reference[key].detach().numpy() if hasattr(reference[key], "detach") else reference[key]
@@ -458,7 +459,8 @@ def test_write_diffusers_folder_sd2_loads_and_matches_original_and_open_clip_ref
     clip = CLIPTextModel.from_pretrained(tmp_path / "out", subfolder="text_encoder").eval()
     with torch.no_grad():
         hidden = sd2.clip(ids, output_hidden_states=True).hidden_states[-2]
-        final_norm = sd2.clip.final_layer_norm if hasattr(sd2.clip, "final_layer_norm") else sd2.clip.text_model.final_layer_norm
+        text_model = sd2.clip.text_model if hasattr(sd2.clip, "text_model") else sd2.clip  # transformers < 5.6
+        final_norm = text_model.final_layer_norm
         np.testing.assert_allclose(clip(ids).last_hidden_state.numpy(), final_norm(hidden).numpy(), atol=1e-5)
 
 
@@ -584,3 +586,63 @@ def test_known_irrelevant_keys_are_skipped(sd1):
     parts = compvis.split_compvis_state_dict(sd)
     _assert_same_tensors(parts["vae"], sd1.vae_sd, "vae")
     assert compvis.infer_configs(sd)["vae"]["scaling_factor"] == pytest.approx(0.13025)
+
+
+# ------------------------------------------------------------------------------------------------
+# Full-size SD 1.5 / SD 2.1 layouts (shapes only: meta-device models, zero-stride arrays)
+
+SD_UP_BLOCKS = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3  # diffusers' defaults, as in SD 1.x/2.x
+SD15_UNET = dict(cross_attention_dim=768, attention_head_dim=8, sample_size=64)
+SD21_UNET = dict(
+    cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True, sample_size=96
+)
+SD_VAE = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+              up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4)
+SD15_CLIP = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+SD21_CLIP = dict(SD15_CLIP, hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                 num_attention_heads=16, hidden_act="gelu")
+
+
+def _shape_only(model_cls, *args, **kwargs) -> dict:
+    with torch.device("meta"):
+        model = model_cls(*args, **kwargs)
+    return {k: np.broadcast_to(np.float32(0), tuple(v.shape)) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_full_size_sd_layouts_give_hub_configs_and_are_fully_consumed(version):
+    unet_cfg = SD15_UNET if version == "v1" else SD21_UNET
+    unet = _shape_only(UNet2DConditionModel, **unet_cfg)
+    vae = _shape_only(AutoencoderKL, **SD_VAE)
+    clip = _shape_only(CLIPTextModel, CLIPTextConfig(**(SD15_CLIP if version == "v1" else SD21_CLIP)))
+    sd = {**unet_to_compvis(unet, {"layers_per_block": 2, "up_block_types": SD_UP_BLOCKS}),
+          **vae_to_compvis(vae, SD_VAE)}
+    if version == "v1":
+        sd.update(clip_to_compvis(clip))
+        # sd-v1-5 single files: 686 UNet + 248 VAE + 197 text (incl. position_ids) tensors
+        assert len(sd) == 1131
+    else:
+        sd.update(clip_to_open_clip(clip, np.zeros((1024, 1024), np.float32)))
+    cfg = compvis.infer_configs(sd)
+    assert cfg["version"] == version
+    assert cfg["unet"]["block_out_channels"] == [320, 640, 1280, 1280]
+    assert cfg["unet"]["layers_per_block"] == 2
+    assert cfg["unet"]["down_block_types"] == ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"]
+    assert cfg["unet"]["up_block_types"] == ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3
+    assert cfg["unet"]["transformer_layers_per_block"] == 1
+    assert cfg["unet"]["attention_head_dim"] == unet_cfg["attention_head_dim"]
+    assert cfg["unet"]["cross_attention_dim"] == unet_cfg["cross_attention_dim"]
+    assert cfg["unet"]["use_linear_projection"] is (version == "v2")
+    assert cfg["vae"]["block_out_channels"] == [128, 256, 512, 512] and cfg["vae"]["layers_per_block"] == 2
+    text = cfg["text_encoder"]
+    if version == "v1":
+        assert (text["hidden_size"], text["num_hidden_layers"], text["num_attention_heads"]) == (768, 12, 12)
+    else:
+        assert (text["hidden_size"], text["num_hidden_layers"], text["num_attention_heads"]) == (1024, 23, 16)
+    parts = compvis.split_compvis_state_dict(sd)
+    assert sorted(parts["unet"]) == sorted(unet) and sorted(parts["vae"]) == sorted(vae)
+    expected_text = _strip_text_model(clip)
+    if version == "v2":
+        expected_text = _without_last_layer(expected_text, 24)
+    assert sorted(_strip_text_model(parts["text_encoder"])) == sorted(expected_text)

@@ -204,7 +204,8 @@ def _unet_layout(sd: Mapping[str, np.ndarray]) -> dict:
         else:
             raise WeightsError(f"unrecognised UNet layout at key {_first_key(keys, block)!r}")
     if not levels[-1]:
-        raise WeightsError(f"unrecognised UNet layout: input_blocks end with a downsampler at {p}input_blocks.{inputs[-1]}")
+        last = f"{p}input_blocks.{inputs[-1]}.0.op.weight"
+        raise WeightsError(f"unrecognised UNet layout: input_blocks end with a downsampler {last!r}")
 
     layers_per_block = len(levels[0])
     channels, depths = [], []
@@ -294,7 +295,9 @@ def detect_version(sd: Mapping[str, np.ndarray], version: str | None = None) -> 
         return "v2"
     if context == 768:
         return "v1"
-    raise WeightsError(f"cannot tell SD 1.x from 2.x: no text encoder and context dim {context} at {key!r}; pass version=")
+    raise WeightsError(
+        f"cannot tell SD 1.x from 2.x: no text encoder and context dim {context} at {key!r}; pass version="
+    )
 
 
 def _unet_config(layout: dict, version: str) -> dict:
@@ -516,7 +519,8 @@ def _convert_unet(state: StateDict, layout: dict) -> dict[str, np.ndarray]:
         for j in range(lpb):
             _unet_resnet(state, f"{p}.input_blocks.{i}.0", out, f"down_blocks.{level}.resnets.{j}")
             if depth:
-                _spatial_transformer(state, f"{p}.input_blocks.{i}.1", out, f"down_blocks.{level}.attentions.{j}", depth)
+                dst = f"down_blocks.{level}.attentions.{j}"
+                _spatial_transformer(state, f"{p}.input_blocks.{i}.1", out, dst, depth)
             i += 1
         if level < n_levels - 1:
             _copy(state, f"{p}.input_blocks.{i}.0.op", out, f"down_blocks.{level}.downsamplers.0.conv")
