@@ -140,6 +140,9 @@ def test_clip_state_dict_errors_name_the_key(reference, tmp_path):
     assert set(prefixed) == {"text_model." + k for k in unprefixed}
     with_buffer = dict(prefixed, **{"text_model.embeddings.position_ids": np.arange(77)[None]})
     jax.tree.map(np.testing.assert_array_equal, params_from_state_dict(with_buffer, config), params)
+    compvis = {"cond_stage_model.transformer." + k: v for k, v in with_buffer.items()}
+    loaded = params_from_state_dict(compvis, config, prefix="cond_stage_model.transformer.text_model.")
+    jax.tree.map(np.testing.assert_array_equal, loaded, params)
 
     missing = dict(prefixed)
     del missing["text_model.encoder.layers.1.mlp.fc2.bias"]
@@ -368,3 +371,18 @@ def test_bpe_tokenizer_rejects_bad_inputs(bpe_folder):
         tok("a long sentence that does not fit", max_length=8, truncation=False)
     with pytest.raises(ValueError, match="12"):
         tok([12])
+
+
+def test_clip_rejects_bad_arguments():
+    config = CLIPTextConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, max_position_embeddings=16)
+    init = lambda module, length: jax.eval_shape(  # noqa: E731
+        module.init, jax.random.key(0), jnp.zeros((1, length), jnp.int32))
+    with pytest.raises(ValueError, match="'second_to_last'"):
+        init(CLIPTextEncoder(config, context_layer="second_to_last"), 16)
+    with pytest.raises(ValueError, match="17"):
+        init(CLIPTextEncoder(config), 17)
+    with pytest.raises(ValueError, match="'relu'"):
+        CLIPTextConfig(hidden_act="relu")
+    with pytest.raises(ValueError, match="30"):
+        CLIPTextConfig(hidden_size=30, num_attention_heads=4)

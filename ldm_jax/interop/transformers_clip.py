@@ -57,15 +57,23 @@ def _detect_prefix(state: StateDict) -> str:
 
 
 def params_from_state_dict(
-    tensors: Mapping[str, np.ndarray], config: CLIPTextConfig, source: str = "checkpoint", dtype=jnp.float32
+    tensors: Mapping[str, np.ndarray],
+    config: CLIPTextConfig,
+    source: str = "checkpoint",
+    dtype=jnp.float32,
+    prefix: str | None = None,
 ) -> dict:
     """A flat torch ``CLIPTextModel`` state dict -> Flax params for ``CLIPTextEncoder(config)``.
 
+    ``prefix`` is prepended to every torch name; None detects ``"text_model."`` or no prefix.
+    (A CompVis SD 1.x checkpoint's text encoder lives under
+    ``"cond_stage_model.transformer.text_model."``; pass only those keys.)
     Raises ``WeightsError`` naming any missing, unexpected or mis-shaped key. The
     ``position_ids`` buffer is skipped when present.
     """
     state = StateDict(tensors, source=source)
-    prefix = _detect_prefix(state)
+    if prefix is None:
+        prefix = _detect_prefix(state)
     for buffer in _NON_PARAMETER_BUFFERS:
         if prefix + buffer in state:
             state.skip(prefix + buffer)

@@ -254,7 +254,8 @@ class CLIPTokenizer:
         """Load a transformers tokenizer folder (``vocab.json``, ``merges.txt`` and, when present,
         ``tokenizer_config.json`` / ``special_tokens_map.json`` for special tokens and
         ``model_max_length``). A diffusers pipeline folder works too (its ``tokenizer/``
-        subfolder is used). ``overrides`` win over the files.
+        subfolder is used). ``overrides`` win over the files. Added tokens other than
+        BOS/EOS/PAD/UNK (``added_tokens.json``, extra special tokens) are not supported.
         """
         folder = os.fspath(folder)
         if not os.path.isfile(os.path.join(folder, "vocab.json")) and os.path.isfile(
@@ -266,15 +267,15 @@ class CLIPTokenizer:
         for path in (vocab_file, merges_file):
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"tokenizer file not found: {path}")
-        configs = []
+        configs = {}
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             path = os.path.join(folder, name)
             if os.path.isfile(path):
                 with open(path, encoding="utf-8") as f:
-                    configs.append(json.load(f))
+                    configs[name] = json.load(f)
         kwargs: dict = {}
         entries: dict = {}  # special_tokens_map.json overrides tokenizer_config.json key by key
-        for config in configs:
+        for config in configs.values():
             for key in _SPECIAL_KEYS:
                 if config.get(key) is not None:
                     entries[key] = config[key]
@@ -284,13 +285,12 @@ class CLIPTokenizer:
                 kwargs["max_length"] = max_len
         for key, value in entries.items():
             kwargs[key] = _token_content(value)
-        kwargs["normalized_special_tokens"] = cls._normalized_flags(entries, configs[0] if configs else {})
         kwargs.update(overrides)
         if "normalized_special_tokens" not in overrides:
-            specials = {kwargs.get(k, default) for k, default in zip(
-                _SPECIAL_KEYS, ("<|startoftext|>", "<|endoftext|>", "<|endoftext|>", "<|endoftext|>"))}
-            kwargs["normalized_special_tokens"] = kwargs["normalized_special_tokens"] & specials
-        kwargs.update(overrides)
+            flags = cls._normalized_flags(entries, configs.get("tokenizer_config.json", {}))
+            defaults = ("<|startoftext|>", "<|endoftext|>", "<|endoftext|>", "<|endoftext|>")
+            specials = {kwargs.get(k, d) for k, d in zip(_SPECIAL_KEYS, defaults)}
+            kwargs["normalized_special_tokens"] = flags & specials
         return cls.from_files(vocab_file, merges_file, **kwargs)
 
     @staticmethod
