@@ -1,0 +1,31 @@
+"""Diffusion samplers: DDPM, DDIM, PLMS, DPM-Solver++ (2M, 3M, 2M SDE), Euler and Heun,
+each a plan + step function pair run by one ``lax.scan`` driver (:func:`sample`)."""
+
+from ldm_jax.diffusion.samplers.base import Plan, SamplerConfig, SamplerSpec, eps_and_x0
+from ldm_jax.diffusion.samplers.driver import (
+    Inpainting,
+    Trajectory,
+    resolve_sampler,
+    run_plan,
+    sample,
+    sampler_names,
+)
+from ldm_jax.diffusion.samplers.noise import initial_noise, per_example_normal, stream_key
+from ldm_jax.diffusion.samplers.registry import SAMPLERS
+
+__all__ = [
+    "SAMPLERS",
+    "Inpainting",
+    "Plan",
+    "SamplerConfig",
+    "SamplerSpec",
+    "Trajectory",
+    "eps_and_x0",
+    "initial_noise",
+    "per_example_normal",
+    "resolve_sampler",
+    "run_plan",
+    "sample",
+    "sampler_names",
+    "stream_key",
+]

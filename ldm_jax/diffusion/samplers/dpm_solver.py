@@ -1,0 +1,123 @@
+"""DPM-Solver++ multistep samplers (Lu et al. 2022b), as diffusers'
+``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++" | "sde-dpmsolver++", solver_type="midpoint",
+final_sigmas_type="zero")``.
+
+In terms of lambda = log(alpha / sigma) (alpha, sigma the VP scales) and data predictions
+m_k = x0_hat at step k, one step from s to t with h = lambda_t - lambda_s is
+
+  x_t = (sigma_t / sigma_s) x_s - alpha_t expm1(-h) D0 + (higher-order terms in D1, D2)
+
+with D0 = m_0 and divided differences of the previous m's (second-order midpoint form,
+third-order form of the paper). The order ramps up 1, 2, (3) from the first step; the last
+step is first order (the final sigma is zero), and with ``lower_order_final`` and fewer than
+15 steps the second-to-last step is at most second order, as in diffusers.
+All coefficients are precomputed per step; the step itself is a linear combination.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+
+from ldm_jax.diffusion.samplers.base import Plan, SamplerConfig, as_f32, take_rows, ve_to_vp
+from ldm_jax.diffusion.schedules import Schedule
+from ldm_jax.diffusion.timesteps import dpm_solver_timesteps, karras_sigmas, sigma_to_timestep
+
+
+def solver_orders(num_steps: int, start_step: int, solver_order: int, lower_order_final: bool) -> np.ndarray:
+    """The order diffusers uses at each step ``start_step .. num_steps - 1`` (static)."""
+    orders = []
+    for k in range(start_step, num_steps):
+        done = k - start_step  # steps already taken in this run (diffusers' lower_order_nums)
+        last = k == num_steps - 1
+        second_last = k == num_steps - 2 and lower_order_final and num_steps < 15
+        if solver_order == 1 or done < 1 or last:
+            orders.append(1)
+        elif solver_order == 2 or done < 2 or second_last:
+            orders.append(2)
+        else:
+            orders.append(3)
+    return np.array(orders)
+
+
+def dpm_sigmas(schedule: Schedule, cfg: SamplerConfig):
+    """(VE sigmas [n], model timesteps [n] int32) of the full n-step run."""
+    ts = dpm_solver_timesteps(schedule.num_timesteps, cfg.num_steps, cfg.spacing, cfg.steps_offset)
+    if cfg.karras_sigmas:
+        sig = karras_sigmas(schedule.sigmas[0], schedule.sigmas[-1], cfg.num_steps)
+        # diffusers rounds the model timestep (except for cosine schedules) but keeps the Karras sigma.
+        t_model = jnp.round(sigma_to_timestep(sig, schedule.sigmas)).astype(jnp.int32)
+        return as_f32(sig), t_model
+    return schedule.sigmas[ts], jnp.asarray(ts, jnp.int32)
+
+
+def dpm_plan(
+    schedule: Schedule, cfg: SamplerConfig, start_step: int = 0, *, solver_order: int = 2, sde: bool = False
+) -> Plan:
+    n = cfg.num_steps
+    sig, t_model = dpm_sigmas(schedule, cfg)
+    sig_next = jnp.concatenate([sig[1:], jnp.zeros((1,), sig.dtype)])
+    lam = -jnp.log(sig)  # lambda = log(alpha / sigma_vp) = -log(sigma_ve)
+    lam_next = -jnp.log(sig_next)  # +inf at the final (sigma = 0) level
+    k = np.arange(n)
+    h = lam_next - lam
+    h_0 = lam - lam[np.maximum(k - 1, 0)]
+    h_1 = lam[np.maximum(k - 1, 0)] - lam[np.maximum(k - 2, 0)]
+    orders = np.zeros(n, np.int64)
+    orders[start_step:] = solver_orders(n, start_step, solver_order, cfg.lower_order_final)
+    use2 = jnp.asarray(orders >= 2)
+    use3 = jnp.asarray(orders >= 3)
+    # Unused ratios are set to 1 so that the divided differences stay finite.
+    r0 = jnp.where(use2, h_0 / h, 1.0)
+    r1 = jnp.where(use3, h_1 / h, 1.0)
+    a_s, b_s = ve_to_vp(sig)
+    a_t, b_t = ve_to_vp(sig_next)
+    if sde:
+        decay = -jnp.expm1(-2.0 * h)  # 1 - exp(-2h)
+        coef_x = b_t / b_s * jnp.exp(-h)
+        coef_d0 = a_t * decay
+        coef_da = jnp.where(use2, 0.5 * a_t * decay, 0.0)
+        coef_db = jnp.zeros_like(coef_x)
+        std = b_t * jnp.sqrt(decay)
+    else:
+        e = jnp.expm1(-h)
+        coef_x = b_t / b_s
+        coef_d0 = -a_t * e
+        h_safe = jnp.where(use3, h, 1.0)
+        c1 = a_t * (e / h_safe + 1.0)
+        c2 = a_t * ((e + h_safe) / h_safe**2 - 0.5)
+        q = r0 / (r0 + r1)
+        p = 1.0 / (r0 + r1)
+        coef_da = jnp.where(use3, c1 * (1.0 + q) - c2 * p, jnp.where(use2, -0.5 * a_t * e, 0.0))
+        coef_db = jnp.where(use3, -c1 * q + c2 * p, 0.0)
+        std = jnp.zeros_like(coef_x)
+    coef = dict(coef_x=coef_x, coef_d0=coef_d0, coef_da=coef_da, coef_db=coef_db, r0=r0, r1=r1, std=std)
+    plan = Plan(
+        t=t_model,
+        a=a_s,
+        b=b_s,
+        in_scale=jnp.ones_like(a_s),
+        out_a=a_t,
+        out_b=b_t,
+        out_scale=jnp.ones_like(a_s),
+        log_alpha_step=2.0 * (jnp.log(a_s) - jnp.log(a_t)),
+        coef=coef,
+        init_scale=as_f32(1.0),
+    )
+    return take_rows(plan, np.arange(start_step, n))
+
+
+def dpm_init_state(x):
+    """The two previous data predictions (m_{-1}, m_{-2})."""
+    return (jnp.zeros_like(x), jnp.zeros_like(x))
+
+
+def dpm_step(cfg: SamplerConfig, row: Plan, state, x, eps, x0, var_param, noise):
+    m1, m2 = state
+    c = row.coef
+    d1_0 = (x0 - m1) / c["r0"]
+    d1_1 = (m1 - m2) / c["r1"]
+    x_next = c["coef_x"] * x + c["coef_d0"] * x0 + c["coef_da"] * d1_0 + c["coef_db"] * d1_1
+    if noise is not None:
+        x_next = x_next + c["std"] * noise
+    return x_next, (x0, m1)

@@ -1,0 +1,69 @@
+"""Name -> sampler. Adding a sampler: write its plan and step functions (see
+:mod:`ldm_jax.diffusion.samplers.base`) and add one entry here."""
+
+from __future__ import annotations
+
+import functools
+
+from ldm_jax.diffusion.samplers import discrete, dpm_solver, karras
+from ldm_jax.diffusion.samplers.base import SamplerSpec
+
+_always = lambda cfg: True  # noqa: E731
+
+SAMPLERS: dict[str, SamplerSpec] = {
+    "ddpm": SamplerSpec(
+        discrete.ddpm_plan, discrete.ddpm_step, options=frozenset({"variance", "thresholding"}), stochastic=_always
+    ),
+    "ddim": SamplerSpec(
+        discrete.ddim_plan,
+        discrete.ddim_step,
+        options=frozenset({"eta", "thresholding", "set_alpha_to_one"}),
+        stochastic=lambda cfg: cfg.eta > 0,
+    ),
+    "plms": SamplerSpec(
+        discrete.plms_plan,
+        discrete.plms_step,
+        init_state=discrete.plms_init_state,
+        options=frozenset({"set_alpha_to_one"}),
+        memoryless=False,
+    ),
+    "dpmpp_2m": SamplerSpec(
+        functools.partial(dpm_solver.dpm_plan, solver_order=2),
+        dpm_solver.dpm_step,
+        init_state=dpm_solver.dpm_init_state,
+        default_spacing="linspace",
+        options=frozenset({"thresholding", "karras_sigmas", "lower_order_final"}),
+        memoryless=False,
+    ),
+    "dpmpp_3m": SamplerSpec(
+        functools.partial(dpm_solver.dpm_plan, solver_order=3),
+        dpm_solver.dpm_step,
+        init_state=dpm_solver.dpm_init_state,
+        default_spacing="linspace",
+        options=frozenset({"thresholding", "karras_sigmas", "lower_order_final"}),
+        memoryless=False,
+    ),
+    "dpmpp_2m_sde": SamplerSpec(
+        functools.partial(dpm_solver.dpm_plan, solver_order=2, sde=True),
+        dpm_solver.dpm_step,
+        init_state=dpm_solver.dpm_init_state,
+        default_spacing="linspace",
+        options=frozenset({"thresholding", "karras_sigmas", "lower_order_final"}),
+        stochastic=_always,
+        memoryless=False,
+    ),
+    "euler": SamplerSpec(
+        karras.euler_plan,
+        karras.euler_step,
+        default_spacing="linspace",
+        options=frozenset({"thresholding", "karras_sigmas"}),
+    ),
+    "heun": SamplerSpec(
+        karras.heun_plan,
+        karras.heun_step,
+        init_state=karras.heun_init_state,
+        default_spacing="linspace",
+        options=frozenset({"thresholding", "karras_sigmas"}),
+        memoryless=False,
+    ),
+}
