@@ -88,6 +88,18 @@ class Checkpointer:
         )
         return restored[STATE_ITEM], dict(restored[METADATA_ITEM])
 
+    def metadata(self, step: int | None = None) -> dict:
+        """The JSON metadata of checkpoint ``step`` (default: the latest) without reading
+        the arrays, e.g. for a data pipeline to find its position before the state exists."""
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise ValueError(f"no checkpoint to restore in {self.directory}")
+        restored = self._manager.restore(
+            int(step), args=ocp.args.Composite(**{METADATA_ITEM: ocp.args.JsonRestore()})
+        )
+        return dict(restored[METADATA_ITEM])
+
     def wait_until_finished(self) -> None:
         self._manager.wait_until_finished()
 

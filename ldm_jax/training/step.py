@@ -117,7 +117,7 @@ def train_step(
         aux = jax.tree.map(lambda a: a * scale, aux_sum)
 
     grads = _constrain(grads, grad_shardings)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay_at(state.step + 1, ema_decay, ema_warmup)
