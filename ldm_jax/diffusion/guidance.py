@@ -60,7 +60,8 @@ def apply_guidance(
         axes = tuple(range(1, cond.ndim))
         # The ratio of two std's is the same with or without Bessel's correction.
         std_cond = jnp.std(cond, axis=axes, keepdims=True)
-        std_guided = jnp.std(guided, axis=axes, keepdims=True)
+        # The floor only matters for a constant guided output, which would otherwise give 0/0.
+        std_guided = jnp.maximum(jnp.std(guided, axis=axes, keepdims=True), 1e-12)
         guided = phi * guided * (std_cond / std_guided) + (1.0 - phi) * guided
     return guided.astype(out_cond.dtype)
 
