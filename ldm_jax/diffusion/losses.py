@@ -346,7 +346,7 @@ def diffusion_loss_terms(
             False,
         )
         # L_vlb = sum_t L_t is estimated by T * L_t for uniform t, so lambda * L_vlb becomes
-        # vlb_weight * T * L_t: improved DDPM's "RESCALED_MSE" (L_t * T / 1000 with lambda = 1e-3).
+        # vlb_weight * T * L_t, which for lambda = 1e-3 is improved DDPM's RESCALED_MSE (L_t * T / 1000).
         loss = loss + vlb_weight * schedule.num_timesteps * vlb
     else:
         vlb = jnp.zeros_like(mse)
@@ -382,8 +382,9 @@ def diffusion_loss(
     hybrid loss of improved DDPM is returned: ``weight * mse + vlb_weight * T * L_t``, where
     L_t (bits/dim; the discretized decoder NLL at t = 0) is computed with the prediction
     channels under ``stop_gradient``. ``T * L_t`` is the single-sample estimate of
-    L_vlb = sum_t L_t, so ``vlb_weight`` is the paper's lambda (1e-3); for T = 4000 this is
-    exactly improved DDPM's code (``RESCALED_MSE``: vb * num_timesteps / 1000). The t = 0 term
+    L_vlb = sum_t L_t, so ``vlb_weight`` is the paper's lambda (sec. 3.1, 1e-3). The default
+    reproduces improved DDPM's code with ``RESCALED_MSE`` (vb * num_timesteps / 1000, for any T);
+    its plain ``MSE`` loss type corresponds to ``vlb_weight = 1 / T``. The t = 0 term
     assumes 8-bit data in [-1, 1]; it has no meaning for latents (where learned variances are
     uncommon anyway).
 
