@@ -3,9 +3,9 @@
 The integer sequences depend only on the number of training timesteps ``T``, the number of
 sampling steps and the spacing, all static, so they are plain NumPy arrays (descending,
 noisiest first). The Karras sigma sequence and the sigma -> timestep map also depend on the
-schedule's values; they are written with array arithmetic that works on NumPy arrays and on
-(possibly traced) JAX arrays alike, so samplers can be built inside ``jit`` from a schedule
-that is a traced argument.
+schedule's values; they work on NumPy arrays (float64, used when the schedule is concrete)
+and on (possibly traced) JAX arrays alike, so samplers can also be built inside ``jit`` from
+a schedule that is a traced argument.
 
 Spacings (Lin et al. 2023, table 2):
 
@@ -21,6 +21,7 @@ The DPM-Solver multistep scheduler computes ``n + 1`` points and drops the last 
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -149,17 +150,20 @@ def sigma_to_timestep(sigma, schedule_sigmas):
     ``[sigma_0, sigma_{T-1}]``; sigmas outside that range map to 0 or T - 1.
 
     Args:
-      sigma: noise levels, any shape (JAX or NumPy).
+      sigma: noise levels, any shape.
       schedule_sigmas: [T] increasing per-timestep sigmas (``Schedule.sigmas``).
-    Returns: float32 JAX array shaped like ``sigma``.
+    Returns: shaped like ``sigma``: float64 NumPy when both inputs are NumPy arrays (or
+      scalars), else a float32 JAX array.
     """
-    log_sigmas = jnp.log(jnp.asarray(schedule_sigmas, jnp.float32))
-    log_sigma = jnp.log(jnp.maximum(jnp.asarray(sigma, jnp.float32), 1e-10))
+    numpy_in = not isinstance(sigma, jax.Array) and not isinstance(schedule_sigmas, jax.Array)
+    xp, dtype = (np, np.float64) if numpy_in else (jnp, jnp.float32)
+    log_sigmas = xp.log(xp.asarray(schedule_sigmas, dtype))
+    log_sigma = xp.log(xp.maximum(xp.asarray(sigma, dtype), 1e-10))
     num = log_sigmas.shape[0]
-    low = jnp.clip(jnp.searchsorted(log_sigmas, log_sigma, side="right") - 1, 0, num - 2)
+    low = xp.clip(xp.searchsorted(log_sigmas, log_sigma, side="right") - 1, 0, num - 2)
     lo_val, hi_val = log_sigmas[low], log_sigmas[low + 1]
-    w = jnp.clip((lo_val - log_sigma) / (lo_val - hi_val), 0.0, 1.0)
-    return (low + w).astype(jnp.float32)
+    w = xp.clip((lo_val - log_sigma) / (lo_val - hi_val), 0.0, 1.0)
+    return (low + w).astype(dtype)
 
 
 def repaint_events(num_steps: int, jump_length: int, jump_n_sample: int) -> list[tuple[str, int]]:

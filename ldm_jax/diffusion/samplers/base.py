@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -132,37 +133,66 @@ def apply_thresholding(x0, cfg: SamplerConfig):
     return dynamic_threshold(x0, cfg.threshold_percentile, cfg.threshold_max)
 
 
-def vp_scales(schedule: Schedule, index: np.ndarray):
+def schedule_namespace(schedule: Schedule):
+    """(xp, schedule) for building a plan: NumPy in float64 when the schedule is concrete
+    (plans are then exact to float32 rounding and cost no device compilation), jax.numpy
+    when it is traced (``sample`` inside a ``jit`` that takes the schedule as an argument)."""
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in schedule):
+        return jnp, schedule
+    return np, Schedule(*(np.asarray(leaf, np.float64) for leaf in schedule))
+
+
+def vp_scales(xp, schedule: Schedule, index: np.ndarray):
     """VP scales (sqrt(abar), sqrt(1 - abar)) at integer timesteps; index -1 is clean data
     (abar = 1), as diffusers' ``set_alpha_to_one`` final level."""
     index = np.asarray(index)
     safe = np.maximum(index, 0)
-    clean = jnp.asarray(index < 0)
-    a = jnp.where(clean, 1.0, schedule.sqrt_alphas_cumprod[safe])
-    b = jnp.where(clean, 0.0, schedule.sqrt_one_minus_alphas_cumprod[safe])
+    clean = index < 0
+    a = xp.where(clean, 1.0, schedule.sqrt_alphas_cumprod[safe])
+    b = xp.where(clean, 0.0, schedule.sqrt_one_minus_alphas_cumprod[safe])
     return a, b
 
 
-def log_alpha_span(schedule: Schedule, t_from: np.ndarray, t_to: np.ndarray):
+def log_alpha_span(xp, schedule: Schedule, t_from: np.ndarray, t_to: np.ndarray):
     """sum_{t_to < j <= t_from} log(1 - beta_j) = log(abar[t_from] / abar[t_to]) for each pair.
 
     Summing per-step log-alphas keeps ``1 - abar[t] / abar[t_to]`` accurate when the two
-    levels are close (as ``-expm1`` of this), where the ratio of two float32 cumulative
-    products would cancel. A masked sum rather than a matmul, so no accelerator runs it at
-    reduced precision. Returns: [N] float32, <= 0.
+    levels are close (as ``-expm1`` of this), where the ratio of two cumulative products
+    would cancel. A masked sum rather than a matmul, so no accelerator runs it at reduced
+    precision. Returns: [N], <= 0.
     """
     t_from = np.asarray(t_from)[:, None]
     t_to = np.asarray(t_to)[:, None]
     j = np.arange(schedule.num_timesteps)[None, :]
     mask = (j > t_to) & (j <= t_from)
-    log_alphas = jnp.log1p(-schedule.betas)
-    return jnp.sum(jnp.where(jnp.asarray(mask), log_alphas[None, :], 0.0), axis=1)
+    log_alphas = xp.log1p(-schedule.betas)
+    return xp.sum(xp.where(mask, log_alphas[None, :], 0.0), axis=1)
 
 
-def ve_to_vp(sigma):
+def ve_to_vp(xp, sigma):
     """VP scales (a, b) = (1, sigma) / sqrt(1 + sigma^2) of a VE noise level sigma >= 0."""
-    a = 1.0 / jnp.sqrt(1.0 + sigma**2)
+    a = 1.0 / xp.sqrt(1.0 + sigma**2)
     return a, sigma * a
+
+
+def finish_plan(xp, t, a, b, in_scale, out_a, out_b, out_scale, log_alpha_step, coef, init_scale) -> Plan:
+    """Assemble a Plan with float32 coefficient arrays (and int32 or float32 timesteps)."""
+    f32 = lambda v: xp.asarray(v, dtype=xp.float32)  # noqa: E731
+    t_dtype = xp.int32 if np.issubdtype(np.dtype(t.dtype), np.integer) else xp.float32
+    n = t.shape[0]
+    full = lambda v: f32(xp.broadcast_to(v, (n,)))  # noqa: E731
+    return Plan(
+        t=xp.asarray(t, dtype=t_dtype),
+        a=full(a),
+        b=full(b),
+        in_scale=full(in_scale),
+        out_a=full(out_a),
+        out_b=full(out_b),
+        out_scale=full(out_scale),
+        log_alpha_step=full(log_alpha_step),
+        coef={k: full(v) for k, v in coef.items()},
+        init_scale=f32(init_scale),
+    )
 
 
 def take_rows(plan: Plan, index: np.ndarray) -> Plan:
@@ -174,6 +204,3 @@ def take_rows(plan: Plan, index: np.ndarray) -> Plan:
     }
     return Plan(**fields, coef={k: v[index] for k, v in plan.coef.items()}, init_scale=plan.init_scale)
 
-
-def as_f32(x):
-    return jnp.asarray(x, jnp.float32)

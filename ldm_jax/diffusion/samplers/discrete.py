@@ -15,8 +15,9 @@ import numpy as np
 from ldm_jax.diffusion.samplers.base import (
     Plan,
     SamplerConfig,
-    as_f32,
+    finish_plan,
     log_alpha_span,
+    schedule_namespace,
     vp_scales,
 )
 from ldm_jax.diffusion.schedules import Schedule
@@ -28,21 +29,21 @@ def _sequence(schedule: Schedule, cfg: SamplerConfig, start_step: int):
     return ts[start_step:]
 
 
-def _vp_plan(schedule, t_eval, t_out, coef) -> Plan:
-    a, b = vp_scales(schedule, t_eval)
-    out_a, out_b = vp_scales(schedule, t_out)
-    ones = jnp.ones_like(a)
-    return Plan(
-        t=jnp.asarray(t_eval, jnp.int32),
+def _vp_plan(xp, schedule, t_eval, t_out, coef) -> Plan:
+    a, b = vp_scales(xp, schedule, t_eval)
+    out_a, out_b = vp_scales(xp, schedule, t_out)
+    return finish_plan(
+        xp,
+        t=np.asarray(t_eval, np.int64),
         a=a,
         b=b,
-        in_scale=ones,
+        in_scale=1.0,
         out_a=out_a,
         out_b=out_b,
-        out_scale=ones,
-        log_alpha_step=log_alpha_span(schedule, t_eval, t_out),
+        out_scale=1.0,
+        log_alpha_step=log_alpha_span(xp, schedule, t_eval, t_out),
         coef=coef,
-        init_scale=as_f32(1.0),
+        init_scale=1.0,
     )
 
 
@@ -58,26 +59,27 @@ def ddpm_plan(schedule: Schedule, cfg: SamplerConfig, start_step: int = 0) -> Pl
     spacing; diffusers adds noise whenever the last timestep is > 0, which only differs for
     spacings that do not end at t = 0).
     """
+    xp, schedule = schedule_namespace(schedule)
     t_eval = _sequence(schedule, cfg, start_step)
     t_out = np.concatenate([t_eval[1:], [-1]])
-    a, b = vp_scales(schedule, t_eval)
-    out_a, out_b = vp_scales(schedule, t_out)
-    log_alpha = log_alpha_span(schedule, t_eval, t_out)
-    beta_step = -jnp.expm1(log_alpha)
+    a, b = vp_scales(xp, schedule, t_eval)
+    out_a, out_b = vp_scales(xp, schedule, t_out)
+    log_alpha = log_alpha_span(xp, schedule, t_eval, t_out)
+    beta_step = -xp.expm1(log_alpha)
     # q(x_prev | x_t, x0): mean = coef_x0 x0 + coef_x x_t, variance = (1-abar_prev)/(1-abar_t) beta'.
     coef_x0 = out_a * beta_step / b**2
-    coef_x = jnp.exp(0.5 * log_alpha) * out_b**2 / b**2
-    var_small = jnp.maximum(out_b**2 / b**2 * beta_step, 1e-20)
+    coef_x = xp.exp(0.5 * log_alpha) * out_b**2 / b**2
+    var_small = xp.maximum(out_b**2 / b**2 * beta_step, 1e-20)
     noise_mask = np.ones(len(t_eval), np.float32)
     noise_mask[-1] = 0.0
     coef = dict(
         coef_x0=coef_x0,
         coef_x=coef_x,
-        log_var_small=jnp.log(var_small),
-        log_var_large=jnp.log(beta_step),
-        noise_mask=jnp.asarray(noise_mask),
+        log_var_small=xp.log(var_small),
+        log_var_large=xp.log(beta_step),
+        noise_mask=noise_mask,
     )
-    return _vp_plan(schedule, t_eval, t_out, coef)
+    return _vp_plan(xp, schedule, t_eval, t_out, coef)
 
 
 def ddpm_step(cfg: SamplerConfig, row: Plan, state, x, eps, x0, var_param, noise):
@@ -105,15 +107,16 @@ def _final_index(cfg: SamplerConfig) -> int:
 def ddim_plan(schedule: Schedule, cfg: SamplerConfig, start_step: int = 0) -> Plan:
     """DDIM (Song et al. 2021, eq. 12): x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - s^2) eps + s z,
     s = eta sqrt((1 - abar_prev) / (1 - abar_t) (1 - abar_t / abar_prev))."""
+    xp, schedule = schedule_namespace(schedule)
     t_eval = _sequence(schedule, cfg, start_step)
     t_out = np.concatenate([t_eval[1:], [_final_index(cfg)]])
-    a, b = vp_scales(schedule, t_eval)
-    out_a, out_b = vp_scales(schedule, t_out)
-    log_alpha = log_alpha_span(schedule, t_eval, t_out)
-    std = cfg.eta * jnp.sqrt(out_b**2 / b**2 * -jnp.expm1(log_alpha))
-    direction = jnp.sqrt(jnp.maximum(out_b**2 - std**2, 0.0))
+    a, b = vp_scales(xp, schedule, t_eval)
+    out_a, out_b = vp_scales(xp, schedule, t_out)
+    log_alpha = log_alpha_span(xp, schedule, t_eval, t_out)
+    std = cfg.eta * xp.sqrt(out_b**2 / b**2 * -xp.expm1(log_alpha))
+    direction = xp.sqrt(xp.maximum(out_b**2 - std**2, 0.0))
     coef = dict(coef_x0=out_a, coef_eps=direction, std=std)
-    return _vp_plan(schedule, t_eval, t_out, coef)
+    return _vp_plan(xp, schedule, t_eval, t_out, coef)
 
 
 def ddim_step(cfg: SamplerConfig, row: Plan, state, x, eps, x0, var_param, noise):
@@ -145,6 +148,7 @@ def plms_plan(schedule: Schedule, cfg: SamplerConfig, start_step: int = 0) -> Pl
     The eps history holds eps at each evaluation point; diffusers combines the raw model
     outputs instead, which is the same for eps-prediction and differs for v-prediction.
     """
+    xp, schedule = schedule_namespace(schedule)
     ts = _sequence(schedule, cfg, start_step)
     m = len(ts)
     t_eval = plms_timesteps(ts)
@@ -165,23 +169,24 @@ def plms_plan(schedule: Schedule, cfg: SamplerConfig, start_step: int = 0) -> Pl
             weights.append(_AB_WEIGHTS[min(j, 4) if j >= 2 else 1])
     t_from, t_to = np.array(t_from), np.array(t_to)
     weights = np.array(weights, np.float32)
-    from_a, from_b = vp_scales(schedule, t_from)
-    to_a, to_b = vp_scales(schedule, t_to)
-    log_alpha = log_alpha_span(schedule, t_from, t_to)
+    from_a, from_b = vp_scales(xp, schedule, t_from)
+    to_a, to_b = vp_scales(xp, schedule, t_to)
+    log_alpha = log_alpha_span(xp, schedule, t_from, t_to)
     # PNDM eq. 9: x_to = sqrt(abar_to/abar_from) x - (abar_to - abar_from) e /
     #   (abar_from sqrt(1-abar_to) + sqrt(abar_from (1-abar_from) abar_to)), divided through by abar_from.
-    ratio_sqrt = jnp.exp(-0.5 * log_alpha)
-    coef_eps = -jnp.expm1(-log_alpha) / (to_b + from_b * ratio_sqrt)
+    ratio_sqrt = xp.exp(-0.5 * log_alpha)
+    coef_eps = -xp.expm1(-log_alpha) / (to_b + from_b * ratio_sqrt)
     coef = dict(
         coef_x=ratio_sqrt,
         coef_eps=coef_eps,
-        use_saved=jnp.asarray(use_saved, jnp.float32),
-        save=jnp.asarray(np.arange(len(t_eval)) == 0, jnp.float32),
-        push=jnp.asarray(push, jnp.float32),
-        weights=jnp.asarray(weights),
+        use_saved=np.asarray(use_saved),
+        save=(np.arange(len(t_eval)) == 0).astype(np.float32),
+        push=np.asarray(push),
     )
     # The state after evaluation j sits at t_to[j]; the model sees it at t_eval[j + 1].
-    return _vp_plan(schedule, t_eval, t_to, coef)
+    plan = _vp_plan(xp, schedule, t_eval, t_to, coef)
+    plan.coef["weights"] = xp.asarray(weights)  # [N, 4]
+    return plan
 
 
 def plms_init_state(x):

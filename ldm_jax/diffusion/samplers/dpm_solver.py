@@ -19,7 +19,14 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.diffusion.samplers.base import Plan, SamplerConfig, as_f32, take_rows, ve_to_vp
+from ldm_jax.diffusion.samplers.base import (
+    Plan,
+    SamplerConfig,
+    finish_plan,
+    schedule_namespace,
+    take_rows,
+    ve_to_vp,
+)
 from ldm_jax.diffusion.schedules import Schedule
 from ldm_jax.diffusion.timesteps import dpm_solver_timesteps, karras_sigmas, sigma_to_timestep
 
@@ -40,69 +47,72 @@ def solver_orders(num_steps: int, start_step: int, solver_order: int, lower_orde
     return np.array(orders)
 
 
-def dpm_sigmas(schedule: Schedule, cfg: SamplerConfig):
-    """(VE sigmas [n], model timesteps [n] int32) of the full n-step run."""
+def dpm_sigmas(xp, schedule: Schedule, cfg: SamplerConfig):
+    """(VE sigmas [n], model timesteps [n] int) of the full n-step run."""
     ts = dpm_solver_timesteps(schedule.num_timesteps, cfg.num_steps, cfg.spacing, cfg.steps_offset)
     if cfg.karras_sigmas:
         sig = karras_sigmas(schedule.sigmas[0], schedule.sigmas[-1], cfg.num_steps)
         # diffusers rounds the model timestep (except for cosine schedules) but keeps the Karras sigma.
-        t_model = jnp.round(sigma_to_timestep(sig, schedule.sigmas)).astype(jnp.int32)
-        return as_f32(sig), t_model
-    return schedule.sigmas[ts], jnp.asarray(ts, jnp.int32)
+        t_model = xp.round(sigma_to_timestep(sig, schedule.sigmas)).astype(xp.int32)
+        return sig, t_model
+    return schedule.sigmas[ts], ts
 
 
 def dpm_plan(
     schedule: Schedule, cfg: SamplerConfig, start_step: int = 0, *, solver_order: int = 2, sde: bool = False
 ) -> Plan:
+    xp, schedule = schedule_namespace(schedule)
     n = cfg.num_steps
-    sig, t_model = dpm_sigmas(schedule, cfg)
-    sig_next = jnp.concatenate([sig[1:], jnp.zeros((1,), sig.dtype)])
-    lam = -jnp.log(sig)  # lambda = log(alpha / sigma_vp) = -log(sigma_ve)
-    lam_next = -jnp.log(sig_next)  # +inf at the final (sigma = 0) level
+    sig, t_model = dpm_sigmas(xp, schedule, cfg)
+    sig_next = xp.concatenate([sig[1:], xp.zeros((1,), sig.dtype)])
+    lam = -xp.log(sig)  # lambda = log(alpha / sigma_vp) = -log(sigma_ve)
+    with np.errstate(divide="ignore"):
+        lam_next = -xp.log(sig_next)  # +inf at the final (sigma = 0) level
     k = np.arange(n)
     h = lam_next - lam
     h_0 = lam - lam[np.maximum(k - 1, 0)]
     h_1 = lam[np.maximum(k - 1, 0)] - lam[np.maximum(k - 2, 0)]
     orders = np.zeros(n, np.int64)
     orders[start_step:] = solver_orders(n, start_step, solver_order, cfg.lower_order_final)
-    use2 = jnp.asarray(orders >= 2)
-    use3 = jnp.asarray(orders >= 3)
-    # Unused ratios are set to 1 so that the divided differences stay finite.
-    r0 = jnp.where(use2, h_0 / h, 1.0)
-    r1 = jnp.where(use3, h_1 / h, 1.0)
-    a_s, b_s = ve_to_vp(sig)
-    a_t, b_t = ve_to_vp(sig_next)
+    use2, use3 = orders >= 2, orders >= 3
+    # Unused ratios and step sizes are replaced by 1 so that every branch stays finite.
+    h_2 = xp.where(use2, h, 1.0)
+    r0 = xp.where(use2, h_0 / h_2, 1.0)
+    r1 = xp.where(use3, h_1 / h_2, 1.0)
+    a_s, b_s = ve_to_vp(xp, sig)
+    a_t, b_t = ve_to_vp(xp, sig_next)
     if sde:
-        decay = -jnp.expm1(-2.0 * h)  # 1 - exp(-2h)
-        coef_x = b_t / b_s * jnp.exp(-h)
+        decay = -xp.expm1(-2.0 * h)  # 1 - exp(-2h)
+        coef_x = b_t / b_s * xp.exp(-h)
         coef_d0 = a_t * decay
-        coef_da = jnp.where(use2, 0.5 * a_t * decay, 0.0)
-        coef_db = jnp.zeros_like(coef_x)
-        std = b_t * jnp.sqrt(decay)
+        coef_da = xp.where(use2, 0.5 * a_t * decay, 0.0)
+        coef_db = xp.zeros_like(coef_x)
+        std = b_t * xp.sqrt(decay)
     else:
-        e = jnp.expm1(-h)
+        e = xp.expm1(-h)
         coef_x = b_t / b_s
         coef_d0 = -a_t * e
-        h_safe = jnp.where(use3, h, 1.0)
-        c1 = a_t * (e / h_safe + 1.0)
-        c2 = a_t * ((e + h_safe) / h_safe**2 - 0.5)
+        h_3 = xp.where(use3, h, 1.0)
+        c1 = a_t * (e / h_3 + 1.0)
+        c2 = a_t * ((e + h_3) / h_3**2 - 0.5)
         q = r0 / (r0 + r1)
         p = 1.0 / (r0 + r1)
-        coef_da = jnp.where(use3, c1 * (1.0 + q) - c2 * p, jnp.where(use2, -0.5 * a_t * e, 0.0))
-        coef_db = jnp.where(use3, -c1 * q + c2 * p, 0.0)
-        std = jnp.zeros_like(coef_x)
+        coef_da = xp.where(use3, c1 * (1.0 + q) - c2 * p, xp.where(use2, -0.5 * a_t * e, 0.0))
+        coef_db = xp.where(use3, -c1 * q + c2 * p, 0.0)
+        std = xp.zeros_like(coef_x)
     coef = dict(coef_x=coef_x, coef_d0=coef_d0, coef_da=coef_da, coef_db=coef_db, r0=r0, r1=r1, std=std)
-    plan = Plan(
+    plan = finish_plan(
+        xp,
         t=t_model,
         a=a_s,
         b=b_s,
-        in_scale=jnp.ones_like(a_s),
+        in_scale=1.0,
         out_a=a_t,
         out_b=b_t,
-        out_scale=jnp.ones_like(a_s),
-        log_alpha_step=2.0 * (jnp.log(a_s) - jnp.log(a_t)),
+        out_scale=1.0,
+        log_alpha_step=2.0 * (xp.log(a_s) - xp.log(a_t)),
         coef=coef,
-        init_scale=as_f32(1.0),
+        init_scale=1.0,
     )
     return take_rows(plan, np.arange(start_step, n))
 

@@ -137,7 +137,8 @@ def resolve_sampler(
     return spec, cfg
 
 
-def _example_indices(example_indices, batch: int):
+def batch_example_indices(example_indices, batch: int):
+    """[B] example ids: ``example_indices`` checked against the batch size, or arange(B)."""
     if example_indices is None:
         return jnp.arange(batch)
     example_indices = jnp.asarray(example_indices)
@@ -312,7 +313,7 @@ def sample(
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2:
         raise ValueError(f"shape must be [B, ...] with at least one example axis, got {shape}")
-    indices = _example_indices(example_indices, shape[0])
+    indices = batch_example_indices(example_indices, shape[0])
     if x_T is None:
         x_T = initial_noise(key, shape, indices)
     elif tuple(x_T.shape) != shape:

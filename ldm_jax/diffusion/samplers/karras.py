@@ -15,36 +15,44 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.diffusion.samplers.base import Plan, SamplerConfig, as_f32, take_rows, ve_to_vp
+from ldm_jax.diffusion.samplers.base import (
+    Plan,
+    SamplerConfig,
+    finish_plan,
+    schedule_namespace,
+    take_rows,
+    ve_to_vp,
+)
 from ldm_jax.diffusion.schedules import Schedule
 from ldm_jax.diffusion.timesteps import discrete_timesteps, karras_sigmas, sigma_to_timestep
 
 
-def karras_family_sigmas(schedule: Schedule, cfg: SamplerConfig):
-    """(sigmas [n] descending, model timesteps [n] float32) of the full n-step run."""
+def karras_family_sigmas(xp, schedule: Schedule, cfg: SamplerConfig):
+    """(sigmas [n] descending, model timesteps [n] float) of the full n-step run."""
     ts = discrete_timesteps(
         schedule.num_timesteps, cfg.num_steps, cfg.spacing, cfg.steps_offset, rounded=False
     )
-    grid = jnp.arange(schedule.num_timesteps, dtype=jnp.float32)
-    sig = jnp.interp(jnp.asarray(ts, jnp.float32), grid, schedule.sigmas)
+    grid = np.arange(schedule.num_timesteps, dtype=np.float64)
+    sig = xp.interp(ts, grid, schedule.sigmas)
     if cfg.karras_sigmas:
-        sig = as_f32(karras_sigmas(sig[-1], sig[0], cfg.num_steps))
+        sig = karras_sigmas(sig[-1], sig[0], cfg.num_steps)
         return sig, sigma_to_timestep(sig, schedule.sigmas)
-    return sig, jnp.asarray(ts, jnp.float32)
+    return sig, ts
 
 
-def _init_scale(sig, cfg: SamplerConfig):
+def _init_scale(xp, sig, cfg: SamplerConfig):
     # diffusers' init_noise_sigma: sigma_max, or sqrt(sigma_max^2 + 1) for "leading" spacing.
-    sigma_max = jnp.max(sig)
+    sigma_max = xp.max(sig)
     if cfg.spacing in ("linspace", "trailing"):
         return sigma_max
-    return jnp.sqrt(sigma_max**2 + 1.0)
+    return xp.sqrt(sigma_max**2 + 1.0)
 
 
-def _ve_plan(t_model, sig_eval, sig_out, coef, init_scale) -> Plan:
-    a, b = ve_to_vp(sig_eval)
-    out_a, out_b = ve_to_vp(sig_out)
-    return Plan(
+def _ve_plan(xp, t_model, sig_eval, sig_out, coef, init_scale) -> Plan:
+    a, b = ve_to_vp(xp, sig_eval)
+    out_a, out_b = ve_to_vp(xp, sig_out)
+    return finish_plan(
+        xp,
         t=t_model,
         a=a,
         b=b,
@@ -52,17 +60,18 @@ def _ve_plan(t_model, sig_eval, sig_out, coef, init_scale) -> Plan:
         out_a=out_a,
         out_b=out_b,
         out_scale=out_a,
-        log_alpha_step=2.0 * (jnp.log(a) - jnp.log(out_a)),
+        log_alpha_step=2.0 * (xp.log(a) - xp.log(out_a)),
         coef=coef,
         init_scale=init_scale,
     )
 
 
 def euler_plan(schedule: Schedule, cfg: SamplerConfig, start_step: int = 0) -> Plan:
-    sig, t_model = karras_family_sigmas(schedule, cfg)
-    sig_next = jnp.concatenate([sig[1:], jnp.zeros((1,), sig.dtype)])
+    xp, schedule = schedule_namespace(schedule)
+    sig, t_model = karras_family_sigmas(xp, schedule, cfg)
+    sig_next = xp.concatenate([sig[1:], xp.zeros((1,), sig.dtype)])
     coef = dict(sigma=sig, dt=sig_next - sig)
-    plan = _ve_plan(t_model, sig, sig_next, coef, _init_scale(sig, cfg))
+    plan = _ve_plan(xp, t_model, sig, sig_next, coef, _init_scale(xp, sig, cfg))
     return take_rows(plan, np.arange(start_step, cfg.num_steps))
 
 
@@ -73,9 +82,10 @@ def euler_step(cfg: SamplerConfig, row: Plan, state, x, eps, x0, var_param, nois
 
 def heun_plan(schedule: Schedule, cfg: SamplerConfig, start_step: int = 0) -> Plan:
     """2n - 1 evaluations: predictor at sigma_0, then (corrector, predictor) at each sigma_k, k >= 1."""
+    xp, schedule = schedule_namespace(schedule)
     n = cfg.num_steps
-    sig, t_model = karras_family_sigmas(schedule, cfg)
-    sig_ext = jnp.concatenate([sig, jnp.zeros((1,), sig.dtype)])
+    sig, t_model = karras_family_sigmas(xp, schedule, cfg)
+    sig_ext = xp.concatenate([sig, xp.zeros((1,), sig.dtype)])
     eval_k, out_k, stage, dt_from, dt_to = [0], [1], [0], [0], [1]
     for k in range(1, n):
         eval_k += [k, k]
@@ -87,9 +97,9 @@ def heun_plan(schedule: Schedule, cfg: SamplerConfig, start_step: int = 0) -> Pl
     coef = dict(
         sigma=sig_ext[eval_k],
         dt=sig_ext[np.array(dt_to)] - sig_ext[np.array(dt_from)],
-        corrector=jnp.asarray(stage, jnp.float32),
+        corrector=np.asarray(stage, np.float32),
     )
-    plan = _ve_plan(t_model[eval_k], sig_ext[eval_k], sig_ext[out_k], coef, _init_scale(sig, cfg))
+    plan = _ve_plan(xp, t_model[eval_k], sig_ext[eval_k], sig_ext[out_k], coef, _init_scale(xp, sig, cfg))
     # Evaluation 2k is the predictor at sigma_k, where step k starts.
     return take_rows(plan, np.arange(2 * start_step, 2 * n - 1))
 

@@ -11,6 +11,8 @@ stream s is ``normal(fold_in(fold_in(fold_in(key, s), k), i))``.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -21,6 +23,11 @@ STREAM_KNOWN = 2  # forward noise of the known region in inpainting, per step
 STREAM_RENOISE = 3  # RePaint's resampling jumps, per event
 
 
+@functools.partial(jax.jit, static_argnames=("shape", "dtype"))
+def _per_example_normal(key, example_indices, shape, dtype):
+    return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape, dtype))(example_indices)
+
+
 def per_example_normal(key, example_indices, shape, dtype=jnp.float32):
     """Standard normal noise of shape [len(example_indices), *shape], row j drawn from
     ``fold_in(key, example_indices[j])``.
@@ -28,10 +35,8 @@ def per_example_normal(key, example_indices, shape, dtype=jnp.float32):
     Args:
       key: a PRNG key. example_indices: [B] integers. shape: one example's shape.
     """
-    example_indices = jnp.asarray(example_indices)
-    return jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), tuple(shape), dtype))(
-        example_indices
-    )
+    # Jitted so that eager callers compile one program rather than a dozen small ones.
+    return _per_example_normal(key, jnp.asarray(example_indices), tuple(int(s) for s in shape), jnp.dtype(dtype))
 
 
 def stream_key(key, stream: int, step=0):
