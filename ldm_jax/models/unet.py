@@ -90,6 +90,10 @@ def _per_block(value, n: int, name: str) -> tuple:
     return value
 
 
+def _jsonable(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
 class DownBlock(nn.Module):
     """diffusers ``DownBlock2D`` (``has_attention=False``) or ``CrossAttnDownBlock2D``:
     ``num_layers`` x (ResnetBlock [-> Transformer2D]) then an optional stride-2 Downsample.
@@ -443,17 +447,19 @@ class UNet(nn.Module):
             "up_block_types": list(self.up_block_types),
             "only_cross_attention": False,
             "block_out_channels": list(r["channels"]),
-            "layers_per_block": list(r["layers"]),
+            "layers_per_block": _jsonable(self.layers_per_block),
             "downsample_padding": 1,
             "mid_block_scale_factor": self.mid_block_scale_factor,
             "dropout": self.dropout,
             "act_fn": "silu",
             "norm_num_groups": self.norm_num_groups,
             "norm_eps": self.norm_eps,
-            "cross_attention_dim": list(r["cross"]) if len(set(r["cross"])) > 1 else r["cross"][0],
-            "transformer_layers_per_block": list(r["depth"]),
+            "cross_attention_dim": _jsonable(self.cross_attention_dim),
+            "transformer_layers_per_block": _jsonable(self.transformer_layers_per_block),
             # diffusers refuses num_attention_heads; its attention_head_dim means "heads" anyway.
-            "attention_head_dim": list(r["heads"]),
+            "attention_head_dim": _jsonable(
+                self.num_attention_heads if self.num_attention_heads is not None else self.attention_head_dim
+            ),
             "num_attention_heads": None,
             "dual_cross_attention": False,
             "use_linear_projection": self.use_linear_projection,
