@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from flax import traverse_util
 
-from ldm_jax.interop.lpips_weights import load_lpips_params, lpips_params_from_state_dict
+from ldm_jax.interop.lpips_weights import load_lpips_params, lpips_params_from_state_dict, lpips_state_dict_from_params
 from ldm_jax.interop.torch_weights import WeightsError, conv_to_flax, save_state_dict
 from ldm_jax.models import first_stage_losses as L
 from ldm_jax.models.discriminator import NLayerDiscriminator
@@ -131,6 +131,10 @@ def test_lpips_loads_torchvision_names_from_split_files(lpips_files, tmp_path):
     for key in flat_a:
         np.testing.assert_array_equal(flat_a[key], flat_b[key])
     np.testing.assert_array_equal(flat_a[("lin3", "kernel")], conv_to_flax(sd["lin3.model.1.weight"]))
+    exported = lpips_state_dict_from_params(whole)  # back to the lpips package layout
+    assert exported.keys() == sd.keys()
+    for key, value in sd.items():
+        np.testing.assert_array_equal(exported[key], value)
 
 
 def test_lpips_loader_names_bad_keys(lpips_files):

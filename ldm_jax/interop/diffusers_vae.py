@@ -103,11 +103,10 @@ def autoencoder_kl_from_config(config: Mapping[str, Any], **overrides) -> Autoen
     return AutoencoderKL(**kwargs)
 
 
-def autoencoder_kl_to_config(model: AutoencoderKL, sample_size: int = 512) -> dict:
-    """The diffusers config dict of ``model``. ``sample_size`` only sets diffusers' tiling size."""
+def _common_config(model, class_name: str, sample_size: int) -> dict:
     n = len(model.block_out_channels)
     return {
-        "_class_name": "AutoencoderKL",
+        "_class_name": class_name,
         "_diffusers_version": _diffusers_version(),
         "in_channels": model.in_channels,
         "out_channels": model.out_channels,
@@ -120,14 +119,21 @@ def autoencoder_kl_to_config(model: AutoencoderKL, sample_size: int = 512) -> di
         "norm_num_groups": model.norm_num_groups,
         "sample_size": sample_size,
         "scaling_factor": model.scale_factor,
-        "shift_factor": model.shift_factor,
-        "latents_mean": None,
-        "latents_std": None,
-        "force_upcast": True,
-        "use_quant_conv": model.use_quant_conv,
-        "use_post_quant_conv": model.use_post_quant_conv,
         "mid_block_add_attention": model.mid_block_add_attention,
     }
+
+
+def autoencoder_kl_to_config(model: AutoencoderKL, sample_size: int = 512) -> dict:
+    """The diffusers config dict of ``model``. ``sample_size`` only sets diffusers' tiling size."""
+    return dict(
+        _common_config(model, "AutoencoderKL", sample_size),
+        shift_factor=model.shift_factor,
+        latents_mean=None,
+        latents_std=None,
+        force_upcast=True,
+        use_quant_conv=model.use_quant_conv,
+        use_post_quant_conv=model.use_post_quant_conv,
+    )
 
 
 def vq_model_from_config(config: Mapping[str, Any], **overrides) -> VQModel:
@@ -162,28 +168,15 @@ def vq_model_from_config(config: Mapping[str, Any], **overrides) -> VQModel:
 
 
 def vq_model_to_config(model: VQModel, sample_size: int = 256) -> dict:
-    n = len(model.block_out_channels)
-    return {
-        "_class_name": "VQModel",
-        "_diffusers_version": _diffusers_version(),
-        "in_channels": model.in_channels,
-        "out_channels": model.out_channels,
-        "down_block_types": ["DownEncoderBlock2D"] * n,
-        "up_block_types": ["UpDecoderBlock2D"] * n,
-        "block_out_channels": list(model.block_out_channels),
-        "layers_per_block": model.layers_per_block,
-        "act_fn": "silu",
-        "latent_channels": model.latent_channels,
-        "sample_size": sample_size,
-        "num_vq_embeddings": model.num_vq_embeddings,
-        "norm_num_groups": model.norm_num_groups,
-        "vq_embed_dim": model.vq_embed_dim,
-        "scaling_factor": model.scale_factor,
-        "norm_type": "group",
-        "mid_block_add_attention": model.mid_block_add_attention,
-        "lookup_from_codebook": False,
-        "force_upcast": False,
-    }
+    """The diffusers config dict of ``model`` (the EMA settings have no diffusers equivalent)."""
+    return dict(
+        _common_config(model, "VQModel", sample_size),
+        num_vq_embeddings=model.num_vq_embeddings,
+        vq_embed_dim=model.vq_embed_dim,
+        norm_type="group",
+        lookup_from_codebook=False,
+        force_upcast=False,
+    )
 
 
 def _diffusers_version() -> str:
@@ -261,39 +254,29 @@ def _abstract_variables(model, image_size: int = 8):
     return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape, x.dtype)))
 
 
-def _is_box(x) -> bool:
-    return isinstance(x, nn.meta.AxisMetadata)
-
-
 def variables_from_state_dict(model, tensors: Mapping[str, np.ndarray], source: str = "checkpoint") -> dict:
     """Fill ``model``'s variables (``params`` and, for an EMA VQModel, ``vq_ema``) from a flat
     diffusers state dict. Raises WeightsError naming missing, unexpected or mis-shaped keys."""
     state = StateDict(_modernise_keys(tensors), source=source)
-    abstract = _abstract_variables(model)
     out = {}
-    for collection, tree in abstract.items():
-        flat = traverse_util.flatten_dict(tree, is_leaf=lambda _, x: _is_box(x))
-        filled = {}
-        for path, leaf in flat.items():
-            spec = leaf.unbox() if _is_box(leaf) else leaf
+    # every variable of our models is created with logical axis names, i.e. boxed
+    for collection, tree in _abstract_variables(model).items():
+        boxes = traverse_util.flatten_dict(tree)
+        values = {}
+        for path, box in boxes.items():
             if collection == EMA_COLLECTION and path[-1] != "embedding":
-                continue  # EMA statistics are not in diffusers checkpoints; set below
-            key = torch_key(path)
-            value = state.take(key, _torch_shape(path, spec.shape))
-            value = jnp.asarray(_to_flax(path, np.asarray(value, np.float32)), dtype=spec.dtype)
-            filled[path] = leaf.replace_boxed(value) if _is_box(leaf) else value
+                continue  # EMA statistics are not in diffusers checkpoints: set below
+            spec = box.unbox()
+            value = state.take(torch_key(path), _torch_shape(path, spec.shape))
+            values[path] = jnp.asarray(_to_flax(path, np.asarray(value, np.float32)), spec.dtype)
         if collection == EMA_COLLECTION:
-            # Fresh EMA statistics consistent with the loaded codebook (N = 1, m = e).
-            for path, leaf in flat.items():
+            # fresh statistics consistent with the loaded codebook (N = 1, m = e)
+            for path, box in boxes.items():
                 if path[-1] == "cluster_size":
-                    value = jnp.ones(leaf.unbox().shape if _is_box(leaf) else leaf.shape, jnp.float32)
+                    values[path] = jnp.ones(box.unbox().shape, jnp.float32)
                 elif path[-1] == "embed_sum":
-                    emb = filled[path[:-1] + ("embedding",)]
-                    value = emb.unbox() if _is_box(emb) else emb
-                else:
-                    continue
-                filled[path] = leaf.replace_boxed(value) if _is_box(leaf) else value
-        out[collection] = traverse_util.unflatten_dict(filled)
+                    values[path] = values[path[:-1] + ("embedding",)]
+        out[collection] = traverse_util.unflatten_dict({p: boxes[p].replace_boxed(v) for p, v in values.items()})
     state.finish()
     return out
 
@@ -326,6 +309,14 @@ def _weights_path(folder: str) -> str:
 # ----------------------------------------------------------------------------- folders
 
 
+def _write_folder(folder, config: dict, state: dict) -> None:
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, CONFIG_NAME), "w") as f:
+        json.dump(config, f, indent=2)
+    save_state_dict(state, os.path.join(folder, WEIGHTS_NAMES[0]))
+
+
 def load_diffusers_autoencoder_kl(folder: str | os.PathLike, **overrides) -> tuple[AutoencoderKL, dict]:
     """Load a diffusers ``AutoencoderKL`` folder -> (module, params).
 
@@ -342,11 +333,7 @@ def load_diffusers_autoencoder_kl(folder: str | os.PathLike, **overrides) -> tup
 def save_diffusers_autoencoder_kl(model: AutoencoderKL, params, folder: str | os.PathLike, sample_size: int = 512):
     """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` that
     ``diffusers.AutoencoderKL.from_pretrained(folder)`` loads."""
-    folder = os.fspath(folder)
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, CONFIG_NAME), "w") as f:
-        json.dump(autoencoder_kl_to_config(model, sample_size), f, indent=2)
-    save_state_dict(state_dict_from_variables({"params": params}), os.path.join(folder, WEIGHTS_NAMES[0]))
+    _write_folder(folder, autoencoder_kl_to_config(model, sample_size), state_dict_from_variables({"params": params}))
 
 
 def load_diffusers_vq_model(folder: str | os.PathLike, **overrides) -> tuple[VQModel, dict]:
@@ -363,8 +350,4 @@ def load_diffusers_vq_model(folder: str | os.PathLike, **overrides) -> tuple[VQM
 
 def save_diffusers_vq_model(model: VQModel, variables, folder: str | os.PathLike, sample_size: int = 256):
     """Write a folder ``diffusers.VQModel.from_pretrained`` loads (EMA statistics are dropped)."""
-    folder = os.fspath(folder)
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, CONFIG_NAME), "w") as f:
-        json.dump(vq_model_to_config(model, sample_size), f, indent=2)
-    save_state_dict(state_dict_from_variables(variables), os.path.join(folder, WEIGHTS_NAMES[0]))
+    _write_folder(folder, vq_model_to_config(model, sample_size), state_dict_from_variables(variables))

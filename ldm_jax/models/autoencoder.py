@@ -120,11 +120,11 @@ class Encoder(nn.Module):
         h = P.conv(self.block_out_channels[0], (3, 3), name="conv_in", **kw)(x.astype(self.dtype))
         last = len(self.block_out_channels) - 1
         for i, channels in enumerate(self.block_out_channels):
-            h = _DownEncoderBlock(
+            h = _ResnetStack(
                 out_channels=channels,
                 num_layers=self.layers_per_block,
                 groups=self.norm_num_groups,
-                add_downsample=i != last,
+                resample="down" if i != last else None,
                 name=f"down_blocks_{i}",
                 **kw,
             )(h)
@@ -135,11 +135,14 @@ class Encoder(nn.Module):
         return P.conv(out_channels, (3, 3), name="conv_out", **kw)(h)
 
 
-class _DownEncoderBlock(nn.Module):
+class _ResnetStack(nn.Module):
+    """``num_layers`` ResnetBlocks, then an optional stride-2 Downsample or x2 Upsample
+    (diffusers' DownEncoderBlock2D / UpDecoderBlock2D)."""
+
     out_channels: int
     num_layers: int
     groups: int
-    add_downsample: bool
+    resample: str | None = None  # None | "down" | "up"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -151,28 +154,9 @@ class _DownEncoderBlock(nn.Module):
                 out_channels=self.out_channels, groups=self.groups, eps=_NORM_EPS,
                 use_time_embedding=False, name=f"resnets_{j}", **kw,
             )(x)
-        if self.add_downsample:
+        if self.resample == "down":
             x = Downsample(padding="asymmetric", name="downsamplers_0", **kw)(x)
-        return x
-
-
-class _UpDecoderBlock(nn.Module):
-    out_channels: int
-    num_layers: int
-    groups: int
-    add_upsample: bool
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        for j in range(self.num_layers):
-            x = ResnetBlock(
-                out_channels=self.out_channels, groups=self.groups, eps=_NORM_EPS,
-                use_time_embedding=False, name=f"resnets_{j}", **kw,
-            )(x)
-        if self.add_upsample:
+        elif self.resample == "up":
             x = Upsample(name="upsamplers_0", **kw)(x)
         return x
 
@@ -206,11 +190,11 @@ class Decoder(nn.Module):
         h = MidBlock(groups=self.norm_num_groups, add_attention=self.mid_block_add_attention, name="mid_block", **kw)(h)
         last = len(reversed_channels) - 1
         for i, channels in enumerate(reversed_channels):
-            h = _UpDecoderBlock(
+            h = _ResnetStack(
                 out_channels=channels,
                 num_layers=self.layers_per_block + 1,
                 groups=self.norm_num_groups,
-                add_upsample=i != last,
+                resample="up" if i != last else None,
                 name=f"up_blocks_{i}",
                 **kw,
             )(h)
@@ -293,8 +277,23 @@ class DiagonalGaussian:
         return 0.5 * jnp.sum(terms, axis=axes)
 
 
-class _LatentScaling:
-    """``scale_factor`` / ``shift_factor`` helpers shared by both autoencoders."""
+class _FirstStage:
+    """What both autoencoders share: the latent scaling for the diffusion stage and the
+    encoder/decoder construction arguments."""
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    def _coder_kwargs(self) -> dict:
+        return dict(
+            block_out_channels=tuple(self.block_out_channels),
+            layers_per_block=self.layers_per_block,
+            norm_num_groups=self.norm_num_groups,
+            mid_block_add_attention=self.mid_block_add_attention,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+        )
 
     def latents_for_diffusion(self, z):
         """z -> scale_factor * (z - shift_factor): what the diffusion model is trained on."""
@@ -307,7 +306,7 @@ class _LatentScaling:
         return latents / self.scale_factor + shift
 
 
-class AutoencoderKL(nn.Module, _LatentScaling):
+class AutoencoderKL(nn.Module, _FirstStage):
     """The KL-regularised autoencoder of LDM / Stable Diffusion (diffusers ``AutoencoderKL``).
 
     ``encode(x) -> DiagonalGaussian`` over latents [B, H/f, W/f, latent_channels];
@@ -333,21 +332,10 @@ class AutoencoderKL(nn.Module, _LatentScaling):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.block_out_channels) - 1)
-
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        common = dict(
-            block_out_channels=tuple(self.block_out_channels),
-            layers_per_block=self.layers_per_block,
-            norm_num_groups=self.norm_num_groups,
-            mid_block_add_attention=self.mid_block_add_attention,
-            **kw,
-        )
-        self.encoder = Encoder(latent_channels=self.latent_channels, double_z=True, **common)
-        self.decoder = Decoder(out_channels=self.out_channels, **common)
+        self.encoder = Encoder(latent_channels=self.latent_channels, double_z=True, **self._coder_kwargs())
+        self.decoder = Decoder(out_channels=self.out_channels, **self._coder_kwargs())
         if self.use_quant_conv:
             self.quant_conv = P.conv(2 * self.latent_channels, (1, 1), padding="VALID", **kw)
         if self.use_post_quant_conv:
@@ -386,7 +374,7 @@ class AutoencoderKL(nn.Module, _LatentScaling):
         return self.decode(z, return_last_layer_input=return_last_layer_input), posterior
 
 
-class VQModel(nn.Module, _LatentScaling):
+class VQModel(nn.Module, _FirstStage):
     """The vector-quantised autoencoder of taming / LDM (diffusers ``VQModel``).
 
     ``encode(x)`` -> continuous pre-quantisation latents h [B, H/f, W/f, vq_embed_dim] (after
@@ -423,20 +411,9 @@ class VQModel(nn.Module, _LatentScaling):
     def embed_dim(self) -> int:
         return self.vq_embed_dim or self.latent_channels
 
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.block_out_channels) - 1)
-
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        common = dict(
-            block_out_channels=tuple(self.block_out_channels),
-            layers_per_block=self.layers_per_block,
-            norm_num_groups=self.norm_num_groups,
-            mid_block_add_attention=self.mid_block_add_attention,
-            **kw,
-        )
-        self.encoder = Encoder(latent_channels=self.latent_channels, double_z=False, **common)
+        self.encoder = Encoder(latent_channels=self.latent_channels, double_z=False, **self._coder_kwargs())
         self.quant_conv = P.conv(self.embed_dim, (1, 1), padding="VALID", **kw)
         self.quantize = VectorQuantizer(
             num_embeddings=self.num_vq_embeddings,
@@ -449,7 +426,7 @@ class VQModel(nn.Module, _LatentScaling):
             param_dtype=self.param_dtype,
         )
         self.post_quant_conv = P.conv(self.latent_channels, (1, 1), padding="VALID", **kw)
-        self.decoder = Decoder(out_channels=self.out_channels, **common)
+        self.decoder = Decoder(out_channels=self.out_channels, **self._coder_kwargs())
 
     def encode(self, x):
         """Images [B, H, W, C_in] -> pre-quantisation latents [B, H/f, W/f, vq_embed_dim]."""
