@@ -49,7 +49,7 @@ def timestep_embedding(
         raise ValueError(f"timestep embedding dim must be >= 2, got {dim}")
     half = dim // 2
     if half - downscale_freq_shift == 0:
-        raise ValueError(f"downscale_freq_shift={downscale_freq_shift} makes the frequency denominator zero for dim={dim}")
+        raise ValueError(f"downscale_freq_shift={downscale_freq_shift} gives a zero frequency denominator for dim={dim}")
     exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - downscale_freq_shift)
     phases = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
     phases = scale * phases

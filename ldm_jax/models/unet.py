@@ -356,7 +356,9 @@ class UNet(nn.Module):
         channels = tuple(int(c) for c in self.block_out_channels)
         for i, c in enumerate(channels):
             if c % self.norm_num_groups:
-                raise ValueError(f"block_out_channels[{i}]={c} is not divisible by norm_num_groups={self.norm_num_groups}")
+                raise ValueError(
+                    f"block_out_channels[{i}]={c} is not divisible by norm_num_groups={self.norm_num_groups}"
+                )
         attn_down = tuple(t == "CrossAttnDownBlock2D" for t in self.down_block_types)
         attn_up = tuple(t == "CrossAttnUpBlock2D" for t in self.up_block_types)
         attn_mid = self.mid_block_type == "UNetMidBlock2DCrossAttn"
@@ -506,7 +508,9 @@ class UNet(nn.Module):
             if r["attn_mid"]:
                 used.add(r["cross"][-1])
             if any(d != context.shape[-1] for d in used):
-                raise ValueError(f"context feature size {context.shape[-1]} != cross_attention_dim {self.cross_attention_dim}")
+                raise ValueError(
+                    f"context feature size {context.shape[-1]} != cross_attention_dim {self.cross_attention_dim}"
+                )
         elif context is not None:
             raise ValueError("this U-Net has no cross-attention blocks; pass context=None")
         if r["class_rows"] is not None:
@@ -588,7 +592,9 @@ class UNet(nn.Module):
                 **block_kw,
             )(h, res, emb, context, deterministic)
 
-        h = P.group_norm(self.norm_num_groups, epsilon=self.norm_eps, param_dtype=self.param_dtype, name="conv_norm_out")(h)
+        h = P.group_norm(
+            self.norm_num_groups, epsilon=self.norm_eps, param_dtype=self.param_dtype, name="conv_norm_out"
+        )(h)
         h = nn.silu(h).astype(self.dtype)
         pad = (self.conv_out_kernel - 1) // 2
         return P.conv(
