@@ -212,7 +212,8 @@ def apply_last_layer(conv_out_params, h, dtype: Dtype = jnp.float32):
     """The decoder's ``conv_out`` as a pure function of its params ``{"kernel", "bias"}``.
 
     Shapes: h [B, H, W, C] (from ``return_last_layer_input=True``) -> [B, H, W, out_channels].
-    ``decode(z)`` equals ``apply_last_layer(params["decoder"]["conv_out"], h)`` exactly.
+    With ``dtype`` the model's compute dtype, ``decode(z)`` equals
+    ``apply_last_layer(params["decoder"]["conv_out"], h)`` exactly.
     """
     kernel = nn.meta.unbox(conv_out_params["kernel"])
     layer = nn.Conv(kernel.shape[-1], (3, 3), padding="SAME", dtype=dtype, use_bias="bias" in conv_out_params)
