@@ -248,10 +248,11 @@ def _modernise_keys(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- state dicts
 
 
-def _abstract_variables(model, image_size: int = 8):
-    size = max(image_size, model.downsample_factor)
-    x = jax.ShapeDtypeStruct((1, size, size, model.in_channels), jnp.float32)
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape, x.dtype)))
+def _abstract_variables(model):
+    """Shapes, dtypes and logical-axis boxes of ``model.init``, without computing anything."""
+    size = max(8, model.downsample_factor)
+    image = jax.ShapeDtypeStruct((1, size, size, model.in_channels), jnp.float32)
+    return jax.eval_shape(model.init, jax.random.key(0), image)
 
 
 def variables_from_state_dict(model, tensors: Mapping[str, np.ndarray], source: str = "checkpoint") -> dict:
