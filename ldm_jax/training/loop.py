@@ -91,16 +91,21 @@ def train(
     """
     initialize_distributed(config)
     config = resolve_config(config, jax.device_count(), jax.process_count())
+    # Installed before the (possibly long) restore and compile, so a SIGTERM during start-up
+    # still ends in a clean save-and-exit at the first step boundary.
+    with (guard if guard is not None else PreemptionGuard()) as active_guard:
+        with Checkpointer(
+            checkpoint_dir, max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save
+        ) as checkpointer:
+            return _train(config, task, batches, checkpointer, on_metrics, checkpoint_metadata, active_guard)
+
+
+def _train(config, task, batches, checkpointer, on_metrics, checkpoint_metadata, guard) -> TrainResult:
     mesh = mesh_lib.make_mesh(config.mesh)
     rules = mesh_lib.logical_axis_rules(config.sharding)
     tx, lr_schedule = make_optimizer(config.optimizer)
     abstract_state, shardings = state_shardings(task.init_params, tx, mesh, rules, config.seed)
 
-    checkpointer = Checkpointer(
-        checkpoint_dir,
-        max_to_keep=config.checkpoint.max_to_keep,
-        async_save=config.checkpoint.async_save,
-    )
     write_config_json(checkpointer.directory, config)
     resumed_from = checkpointer.latest_step()
     if resumed_from is not None:
@@ -141,41 +146,37 @@ def train(
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if host["finite"] != 1.0 or not np.isfinite(host["loss"]):
             checkpointer.wait_until_finished()
-            last_good = checkpointer.latest_step()
-            checkpointer.close()
             raise FloatingPointError(
                 f"non-finite loss={host['loss']} grad_norm={host['grad_norm']} at step {at_step}; "
-                f"stopped without saving, last checkpoint is step {last_good} in {checkpointer.directory}"
+                f"stopped without saving, last checkpoint is step {checkpointer.latest_step()} "
+                f"in {checkpointer.directory}"
             )
         return host
 
-    guard = guard if guard is not None else PreemptionGuard()
     preempted = False
     data = iter(batches(position, process_batch_rows(b_sharding, global_batch)))
-    with guard:
-        while step < num_steps:
-            if guard.should_stop():
-                last_metrics = check(unchecked)
-                unchecked = None
-                if checkpointer.latest_step() != step:
-                    save(step)
-                preempted = True
-                log.warning("stop requested: saved step %d, exiting", step)
-                break
-            batch = global_batch_from_local(next(data), b_sharding, global_batch)
-            key = key_fn(state.rng, step)
-            state, metrics = train_step(state, batch, key)
-            step += 1
+    while step < num_steps:
+        if guard.should_stop():
             last_metrics = check(unchecked)
-            unchecked = (step, metrics)
-            if step % every == 0 or step == num_steps or step % log_every == 0:
-                last_metrics = check(unchecked)
-                unchecked = None
-                if step % log_every == 0 or step == num_steps:
-                    on_metrics(step, last_metrics)
-                if step % every == 0 or step == num_steps:
-                    save(step)
+            unchecked = None
+            if checkpointer.latest_step() != step:
+                save(step)
+            preempted = True
+            log.warning("stop requested: saved step %d, exiting", step)
+            break
+        batch = global_batch_from_local(next(data), b_sharding, global_batch)
+        key = key_fn(state.rng, step)
+        state, metrics = train_step(state, batch, key)
+        step += 1
+        last_metrics = check(unchecked)
+        unchecked = (step, metrics)
+        if step % every == 0 or step == num_steps or step % log_every == 0:
+            last_metrics = check(unchecked)
+            unchecked = None
+            if step % log_every == 0 or step == num_steps:
+                on_metrics(step, last_metrics)
+            if step % every == 0 or step == num_steps:
+                save(step)
     last_metrics = check(unchecked)
     checkpointer.wait_until_finished()
-    checkpointer.close()
     return TrainResult(state, step, preempted, last_metrics, resumed_from)

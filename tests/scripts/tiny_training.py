@@ -88,6 +88,7 @@ def global_batch(position: int, batch_size: int, nan_at: int = -1) -> dict[str, 
 
 def batch_source(batch_size: int, nan_at: int = -1, sleep: float = 0.0):
     def batches(position: int, rows: slice):
+        print(f"process {jax.process_index()} loads rows {rows.start}:{rows.stop} from position {position}", flush=True)
         while True:
             if sleep:
                 time.sleep(sleep)
