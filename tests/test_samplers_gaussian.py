@@ -247,6 +247,7 @@ def test_trajectory_ends_at_the_output_and_predicts_x0(schedule, eps_model):
         (dict(thresholding="dynamic", threshold_percentile=1.5), "1.5"),
         (dict(x_T=jnp.zeros((3, 5))), "(3, 5)"),
         (dict(example_indices=jnp.arange(4)), "(4,)"),
+        (dict(sampler="dpmpp_2m", num_steps=1000, spacing="leading"), "num_steps=1000"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_the_value(schedule, eps_model, kwargs, fragment):

@@ -51,7 +51,9 @@ def img2img(
     level, i.e. ``q_sample`` at that timestep for integer-timestep samplers) and the
     remaining steps are run. ``strength = 0`` returns ``init`` unchanged; ``strength = 1``
     starts from (almost pure) noise at the first timestep. Multistep samplers start their
-    history afresh, as diffusers does (its PNDM img2img differs: see the report).
+    history afresh at the first remaining step, as diffusers' DPM-Solver++ does; PLMS runs
+    its own start-up on the remaining timesteps (diffusers' PNDM instead keeps stepping from
+    its internal counter, which is inconsistent with the sliced timesteps).
 
     Args:
       init: [B, ...] clean data (e.g. latents). strength: static float in [0, 1].

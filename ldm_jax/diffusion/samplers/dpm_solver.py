@@ -50,6 +50,11 @@ def solver_orders(num_steps: int, start_step: int, solver_order: int, lower_orde
 def dpm_sigmas(xp, schedule: Schedule, cfg: SamplerConfig):
     """(VE sigmas [n], model timesteps [n] int) of the full n-step run."""
     ts = dpm_solver_timesteps(schedule.num_timesteps, cfg.num_steps, cfg.spacing, cfg.steps_offset)
+    if not cfg.karras_sigmas and np.any(np.diff(ts) >= 0):
+        # e.g. "leading" with n = T: T // (n + 1) = 0 repeats timesteps; the solver would divide by h = 0.
+        raise ValueError(
+            f"spacing {cfg.spacing!r} with num_steps={cfg.num_steps} repeats timesteps for DPM-Solver++: {ts[:4]}..."
+        )
     if cfg.karras_sigmas:
         sig = karras_sigmas(schedule.sigmas[0], schedule.sigmas[-1], cfg.num_steps)
         # diffusers rounds the model timestep (except for cosine schedules) but keeps the Karras sigma.

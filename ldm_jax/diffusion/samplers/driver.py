@@ -232,7 +232,7 @@ def run_plan(
     if inpainting is not None:
         out = mask * original + (1.0 - mask) * out
     if return_trajectory:
-        return out, Trajectory(x=ys[0], x0=ys[1], t=rows.t)
+        return out, Trajectory(x=ys[0], x0=ys[1], t=jnp.asarray(rows.t))
     return out
 
 
