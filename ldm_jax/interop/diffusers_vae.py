@@ -60,7 +60,12 @@ def _read_config(folder: str) -> dict:
         return json.load(f)
 
 
-def _check_block_types(config: Mapping[str, Any]) -> None:
+def _common_kwargs(config: Mapping[str, Any], class_name: str, latent_channels: int) -> dict:
+    """Validate the fields both autoencoder configs share and map them to module arguments
+    (defaults are diffusers' ``__init__`` defaults)."""
+    cls = config.get("_class_name", class_name)
+    if cls != class_name:
+        raise ValueError(f"config is for {cls!r}, not {class_name!r}")
     for key, expected in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
         for block in config.get(key, ()):
             if block != expected:
@@ -72,6 +77,16 @@ def _check_block_types(config: Mapping[str, Any]) -> None:
     for key in ("down_block_types", "up_block_types"):
         if key in config and len(config[key]) != n_levels:
             raise ValueError(f"{key} has {len(config[key])} entries but block_out_channels has {n_levels}")
+    return dict(
+        in_channels=config.get("in_channels", 3),
+        out_channels=config.get("out_channels", 3),
+        block_out_channels=tuple(config["block_out_channels"]),
+        layers_per_block=config.get("layers_per_block", 1),
+        latent_channels=config.get("latent_channels", latent_channels),
+        norm_num_groups=config.get("norm_num_groups", 32),
+        scale_factor=float(config.get("scaling_factor", 0.18215)),
+        mid_block_add_attention=config.get("mid_block_add_attention", True),
+    )
 
 
 def autoencoder_kl_from_config(config: Mapping[str, Any], **overrides) -> AutoencoderKL:
@@ -79,25 +94,14 @@ def autoencoder_kl_from_config(config: Mapping[str, Any], **overrides) -> Autoen
 
     ``overrides`` (e.g. ``dtype=jnp.bfloat16``) are passed to the module constructor.
     """
-    cls = config.get("_class_name", "AutoencoderKL")
-    if cls != "AutoencoderKL":
-        raise ValueError(f"config is for {cls!r}, not 'AutoencoderKL'")
-    _check_block_types(config)
+    kwargs = _common_kwargs(config, "AutoencoderKL", latent_channels=4)
     for key in ("latents_mean", "latents_std"):
         if config.get(key) is not None:
             raise ValueError(f"config field {key}={config[key]!r} is not supported (per-channel latent statistics)")
-    kwargs = dict(
-        in_channels=config.get("in_channels", 3),
-        out_channels=config.get("out_channels", 3),
-        block_out_channels=tuple(config["block_out_channels"]),
-        layers_per_block=config.get("layers_per_block", 1),
-        latent_channels=config.get("latent_channels", 4),
-        norm_num_groups=config.get("norm_num_groups", 32),
-        scale_factor=float(config.get("scaling_factor", 0.18215)),
+    kwargs.update(
         shift_factor=None if config.get("shift_factor") is None else float(config["shift_factor"]),
         use_quant_conv=config.get("use_quant_conv", True),
         use_post_quant_conv=config.get("use_post_quant_conv", True),
-        mid_block_add_attention=config.get("mid_block_add_attention", True),
     )
     kwargs.update(overrides)
     return AutoencoderKL(**kwargs)
@@ -142,24 +146,13 @@ def vq_model_from_config(config: Mapping[str, Any], **overrides) -> VQModel:
     diffusers' quantiser has beta = 0.25 on the codebook term (``legacy_beta=True``); that is
     the default here too so commitment-loss values match; override it for new training.
     """
-    cls = config.get("_class_name", "VQModel")
-    if cls != "VQModel":
-        raise ValueError(f"config is for {cls!r}, not 'VQModel'")
-    _check_block_types(config)
+    kwargs = _common_kwargs(config, "VQModel", latent_channels=3)
     norm_type = config.get("norm_type", "group")
     if norm_type != "group":
         raise ValueError(f"unsupported norm_type {norm_type!r} (only 'group'; 'spatial' is MoVQ)")
-    kwargs = dict(
-        in_channels=config.get("in_channels", 3),
-        out_channels=config.get("out_channels", 3),
-        block_out_channels=tuple(config["block_out_channels"]),
-        layers_per_block=config.get("layers_per_block", 1),
-        latent_channels=config.get("latent_channels", 3),
+    kwargs.update(
         num_vq_embeddings=config.get("num_vq_embeddings", 256),
         vq_embed_dim=config.get("vq_embed_dim"),
-        norm_num_groups=config.get("norm_num_groups", 32),
-        scale_factor=float(config.get("scaling_factor", 0.18215)),
-        mid_block_add_attention=config.get("mid_block_add_attention", True),
         beta=0.25,
         legacy_beta=True,
     )
