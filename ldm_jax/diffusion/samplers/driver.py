@@ -131,9 +131,10 @@ def resolve_sampler(
         threshold_percentile=float(threshold_percentile),
         **given,
     )
-    if thresholding is not None:
-        # Validate the thresholding parameters eagerly (dynamic_threshold checks them).
-        apply_thresholding(jnp.zeros((1, 1)), cfg)
+    if thresholding is not None and not threshold_max >= (1.0 if thresholding == "dynamic" else 0.0):
+        raise ValueError(f"threshold_max={threshold_max!r} is out of range for {thresholding!r} thresholding")
+    if thresholding == "dynamic" and not 0.0 < threshold_percentile <= 1.0:
+        raise ValueError(f"threshold_percentile must be in (0, 1], got {threshold_percentile!r}")
     return spec, cfg
 
 
