@@ -64,8 +64,8 @@ def test_img2img_rejects_strength_outside_unit_interval(schedule, strength):
 )
 def test_img2img_matches_diffusers_img2img_loop(schedule, sampler, options, diffusers_cls, diffusers_kw, strength):
     n, shape, key = 12, (3, 6), jax.random.key(4)
-    init = np.asarray(jax.random.normal(jax.random.key(5), shape))
-    noise = np.asarray(initial_noise(key, shape))  # the noise img2img draws from this key
+    init = np.array(jax.random.normal(jax.random.key(5), shape))
+    noise = np.array(initial_noise(key, shape))  # the noise img2img draws from this key
     # diffusers' StableDiffusionImg2ImgPipeline: get_timesteps, set_begin_index, add_noise, loop.
     sched = diffusers_cls(num_train_timesteps=T, **diffusers_kw)
     abar = torch.from_numpy(np.array(schedule.alphas_cumprod))

@@ -62,7 +62,7 @@ def schedules():
 
 
 def _our_noise(key, event):
-    return np.asarray(per_example_normal(stream_key(key, STREAM_STEP, event), jnp.arange(SHAPE[0]), SHAPE[1:]))
+    return np.array(per_example_normal(stream_key(key, STREAM_STEP, event), jnp.arange(SHAPE[0]), SHAPE[1:]))
 
 
 def _share_schedule(sched, schedule):
@@ -116,7 +116,7 @@ def assert_same_run(ours, theirs):
 
 @pytest.fixture(scope="module")
 def x_T():
-    return np.asarray(jax.random.normal(jax.random.key(7), SHAPE), np.float32)
+    return np.array(jax.random.normal(jax.random.key(7), SHAPE), np.float32)  # writable, for torch.from_numpy
 
 
 # --------------------------------------------------------------------------- timesteps
