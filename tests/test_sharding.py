@@ -361,3 +361,22 @@ def test_fsdp_shardings_report():
         print(f"mesh {shape}: {total} params, {per_device} per device")
         print("\n".join(mesh_lib.describe_shardings(abstract, shardings)))
         assert total / shape["fsdp"] <= per_device < total
+
+
+def test_bf16_model_keeps_float32_params_optimizer_state_ema_and_metrics():
+    """Abstract evaluation of init and step with a bfloat16-compute model: every float leaf
+    of the state, before and after the step, is float32 (only activations are bf16)."""
+    config = _config({"data": 8, "fsdp": 1, "tensor": 1}, "dp", num_microbatches=2)
+    task = tt.tiny_task(dtype=jnp.bfloat16)
+    mesh = make_mesh(config.mesh)
+    tx, schedule = make_optimizer(config.optimizer)
+    abstract, shardings = state_shardings(task.init_params, tx, mesh, logical_axis_rules(config.sharding), 7)
+    step_fn = make_train_step(task.loss_fn, tx, schedule, config.train, config.ema, mesh=mesh, state_shardings=shardings)
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tt.global_batch(0, 16))
+    new_state, metrics = jax.eval_shape(step_fn, abstract, batch, jax.eval_shape(lambda: jax.random.key(0)))
+    for tree in (abstract, new_state):
+        for part in (tree.params, tree.opt_state, tree.ema_params):
+            dtypes = {x.dtype for x in jax.tree.leaves(part) if jnp.issubdtype(x.dtype, jnp.floating)}
+            assert dtypes == {jnp.dtype(jnp.float32)}, dtypes
+    assert {m.dtype for m in metrics.values()} == {jnp.dtype(jnp.float32)}
+    assert jax.tree.structure(new_state) == jax.tree.structure(abstract)

@@ -1,11 +1,11 @@
 """The training loop: the part that is the same for every model.
 
-``train(config, task, batches, workdir)`` resolves the config against the devices, builds
-the mesh, creates the state sharded (or restores the latest checkpoint into the same
+``train(config, task, batches, checkpoint_dir)`` resolves the config against the devices,
+builds the mesh, creates the state sharded (or restores the latest checkpoint into the same
 shardings), and runs the compiled step with periodic async checkpoints.
 
-Resumption is exact: the data position is the step (``batches(position)`` must yield the
-same batches for the same position) and the step key is ``fold_in(base_key, step)``, so a
+Resumption is exact: the data position is the step (``batches(position, rows)`` must yield
+the same batches for the same position) and the step key is ``fold_in(base_key, step)``, so a
 run killed at any moment and restarted reproduces the uninterrupted run bit for bit on CPU.
 SIGTERM saves at the next step boundary and returns normally. A non-finite loss or
 gradient stops the run with ``FloatingPointError`` without saving the bad state.
@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 # (data position, rows) -> iterator of this process's batches from that position on: trees
 # of numpy arrays holding rows ``rows`` (a slice of the global batch, from
 # ``distributed.process_batch_rows``; all rows in a single-process run) of global batches
-# number position, position + 1, ... One batch per step, so position == step.
+# number position, position + 1, ... One batch per step, so position == step. Leaves must be
+# arrays (tokenize captions before); global jax.Arrays (e.g. from
+# ``ldm_jax.data.DataLoader.iterate(sharding=...)``) are passed through unchanged.
 BatchSource = Callable[[int, slice], Iterator[Any]]
 MetricsCallback = Callable[[int, dict[str, float]], None]
 

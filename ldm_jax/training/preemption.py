@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 
 class PreemptionGuard:
@@ -57,7 +58,5 @@ class PreemptionGuard:
         local = self._event.is_set()
         if jax.process_count() == 1:
             return local
-        from jax.experimental import multihost_utils
-
         flags = multihost_utils.process_allgather(np.asarray(local, np.int32))
         return bool(np.any(flags))
