@@ -97,7 +97,7 @@ def train_step(
             (loss, aux), grads = grad_fn(state.params, microbatch, jax.random.fold_in(key, index))
             grad_sum = _constrain(jax.tree.map(jnp.add, grad_sum, grads), grad_shardings)
             aux_sum = jax.tree.map(jnp.add, aux_sum, aux)
-            return (grad_sum, loss_sum + loss, aux_sum), None
+            return (grad_sum, loss_sum + loss.astype(jnp.float32), aux_sum), None
 
         # The aux structure comes from an abstract evaluation, so loss_fn stays free to return any dict.
         aux_shape = jax.eval_shape(
