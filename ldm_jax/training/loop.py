@@ -55,11 +55,14 @@ class Task:
 
     ``init_params(key)`` returns the (logically boxed) param tree, e.g.
     ``lambda key: model.init(key, *dummy_inputs)["params"]``; ``loss_fn(params, batch, key)``
-    returns ``(scalar loss, dict of scalar aux metrics)``, both means over ``batch``.
+    returns ``(scalar loss, dict of scalar aux metrics)``, both means over ``batch``. With
+    ``loss_takes_step`` it is called as ``loss_fn(params, batch, key, step)`` where ``step`` is
+    the number of updates already applied (a traced int32 scalar).
     """
 
     init_params: InitParamsFn
     loss_fn: LossFn
+    loss_takes_step: bool = False
 
 
 @dataclasses.dataclass
@@ -119,7 +122,16 @@ def _train(config, task, batches, checkpointer, on_metrics, checkpoint_metadata,
     step = int(jax.device_get(state.step))
 
     train_step = compile_train_step(
-        make_train_step(task.loss_fn, tx, lr_schedule, config.train, config.ema, mesh=mesh, state_shardings=shardings),
+        make_train_step(
+            task.loss_fn,
+            tx,
+            lr_schedule,
+            config.train,
+            config.ema,
+            mesh=mesh,
+            state_shardings=shardings,
+            loss_takes_step=task.loss_takes_step,
+        ),
         shardings,
         mesh,
     )

@@ -75,6 +75,7 @@ def train_step(
     ema_warmup: bool = True,
     microbatch_sharding: NamedSharding | None = None,
     grad_shardings: Any = None,
+    loss_takes_step: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update on ``batch`` (a tree of [B, ...] arrays).
 
@@ -83,6 +84,11 @@ def train_step(
     rate of this update), ``ema_decay`` and ``finite`` (1.0, or 0.0 when the loss or the
     gradient was NaN/inf, in which case the returned state is the input state unchanged).
     """
+    if loss_takes_step:
+        # Losses with a schedule of their own (e.g. the discriminator starting at step N) see
+        # the number of updates done so far, as a traced scalar.
+        step_loss_fn = loss_fn
+        loss_fn = lambda params, batch, key: step_loss_fn(params, batch, key, state.step)  # noqa: E731
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     if num_microbatches == 1:
@@ -150,6 +156,7 @@ def make_train_step(
     *,
     mesh: Mesh | None = None,
     state_shardings: TrainState | None = None,
+    loss_takes_step: bool = False,
 ) -> StepFn:
     """``train_step`` with its static pieces bound: a pure ``(state, batch, key) -> (state,
     metrics)``. With ``mesh``/``state_shardings`` the microbatches and gradient accumulators
@@ -167,6 +174,7 @@ def make_train_step(
         ema_warmup=bool(ema_config.get("warmup", True)),
         microbatch_sharding=mesh_lib.batch_sharding(mesh) if mesh is not None else None,
         grad_shardings=state_shardings.params if state_shardings is not None else None,
+        loss_takes_step=loss_takes_step,
     )
 
 
