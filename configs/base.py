@@ -1,0 +1,72 @@
+"""The shared skeleton of every experiment config (``configs/<name>.py``).
+
+An experiment file defines ``get_config(arg=None)`` that starts from
+``get_base_config(stage)`` and overrides fields. ``arg`` is the string after the colon in
+``--config configs/<name>.py:<arg>``; ``is_local(arg)`` is True for ``runlocal`` / ``small``
+/ ``tiny`` and experiment files then shrink everything for a quick local run
+(big_vision style). Config files import this module as ``configs.base``, so run
+``train.py`` from the repository root (its directory is on ``sys.path``).
+
+Sections (stage-specific sections are added by the experiment file):
+
+    stage        "autoencoder" | "diffusion"   (ldm_jax.training.tasks.STAGES)
+    data         ldm_jax.data.build_dataset keys (unknown keys are rejected there)
+    train, optimizer, ema, mesh, sharding, checkpoint, distributed, seed
+                 ldm_jax.training.config.training_defaults()
+    logging      tensorboard / progress bar switches
+    preview      every_steps: write a sample (or reconstruction) grid this often; 0 disables
+    export       at the end of training write the EMA model folder to <workdir>/<export.dirname>
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+from ldm_jax.training.config import training_defaults
+
+LOCAL_ARGS = ("runlocal", "local", "small", "tiny")
+
+
+def parse_arg(arg: str | None) -> set[str]:
+    """Comma-separated words of the config argument, e.g. ``"runlocal,bf16"`` -> {...}."""
+    if not arg:
+        return set()
+    return {word.strip().lower() for word in str(arg).split(",") if word.strip()}
+
+
+def is_local(arg: str | None) -> bool:
+    """True when the config argument asks for a shrunken local run."""
+    return bool(parse_arg(arg) & set(LOCAL_ARGS))
+
+
+def data_config(name: str, resolution: int = 32, **extra: Any) -> ml_collections.ConfigDict:
+    """A ``config.data`` section; ``extra`` adds other ``build_dataset`` keys (data_dir, path, ...)."""
+    d = ml_collections.ConfigDict()
+    d.name = name
+    d.resolution = resolution
+    d.channels = placeholder(int)  # None: the source's natural channel count
+    d.split = "train"
+    d.seed = 0
+    d.shuffle = True
+    for key, value in extra.items():
+        d[key] = value
+    return d
+
+
+def get_base_config(stage: str) -> ml_collections.ConfigDict:
+    """training_defaults() plus the sections every stage understands."""
+    c = training_defaults()
+    c.stage = stage
+    c.data = data_config("digits", 32)
+    c.logging = ml_collections.ConfigDict(
+        {
+            "tensorboard": True,  # event files in <workdir>/tensorboard
+            "progress_bar": True,  # tqdm on process 0
+        }
+    )
+    c.preview = ml_collections.ConfigDict({"every_steps": 1000, "seed": 0})
+    c.export = ml_collections.ConfigDict({"enabled": True, "dirname": "model"})
+    return c
