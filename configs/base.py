@@ -14,7 +14,8 @@ Sections (stage-specific sections are added by the experiment file):
     train, optimizer, ema, mesh, sharding, checkpoint, distributed, seed
                  ldm_jax.training.config.training_defaults()
     logging      tensorboard / progress bar switches
-    preview      every_steps: write a sample (or reconstruction) grid this often; 0 disables
+    preview      every_steps: write a sample (or reconstruction) grid this often (and after
+                 the last step); 0 disables. columns: images per grid row (0: square-ish)
     export       at the end of training write the EMA model folder to <workdir>/<export.dirname>
 """
 
@@ -67,6 +68,6 @@ def get_base_config(stage: str) -> ml_collections.ConfigDict:
             "progress_bar": True,  # tqdm on process 0
         }
     )
-    c.preview = ml_collections.ConfigDict({"every_steps": 1000, "seed": 0})
+    c.preview = ml_collections.ConfigDict({"every_steps": 1000, "seed": 0, "columns": 0})
     c.export = ml_collections.ConfigDict({"enabled": True, "dirname": "model"})
     return c
