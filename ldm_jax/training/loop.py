@@ -9,6 +9,14 @@ the same batches for the same position) and the step key is ``fold_in(base_key, 
 run killed at any moment and restarted reproduces the uninterrupted run bit for bit on CPU.
 SIGTERM saves at the next step boundary and returns normally. A non-finite loss or
 gradient stops the run with ``FloatingPointError`` without saving the bad state.
+
+Frozen models (a first-stage autoencoder, a CLIP text encoder) enter through
+``Task.frozen_params`` and ``Task.prepare_batch``: the frozen params are placed once, sharded
+by the same logical rules as trained params, and ``prepare_batch(frozen, batch, key)`` runs as
+its own jitted, sharded program on each device batch before the train step, with the frozen
+params as *arguments* (never baked into a program as constants, which an SD-sized VAE would
+make huge). Hooks (``Hook``) run every N steps with the live state (preview samples);
+``on_step`` sees every step's host metrics (progress bars).
 """
 
 from __future__ import annotations
@@ -16,8 +24,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -47,6 +56,8 @@ log = logging.getLogger(__name__)
 # ``ldm_jax.data.DataLoader.iterate(sharding=...)``) are passed through unchanged.
 BatchSource = Callable[[int, slice], Iterator[Any]]
 MetricsCallback = Callable[[int, dict[str, float]], None]
+# Key stream of ``prepare_batch`` (fold_in of the step key), apart from the loss's own use of it.
+PREPARE_STREAM = 0x5EED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,11 +69,31 @@ class Task:
     returns ``(scalar loss, dict of scalar aux metrics)``, both means over ``batch``. With
     ``loss_takes_step`` it is called as ``loss_fn(params, batch, key, step)`` where ``step`` is
     the number of updates already applied (a traced int32 scalar).
+
+    ``frozen_params``: a tree of arrays that is not trained (leaves may be boxed in
+    ``nn.LogicallyPartitioned`` to be sharded by the rules; plain leaves are replicated).
+    ``prepare_batch(frozen_params, batch, key) -> batch`` turns each global device batch into
+    what ``loss_fn`` sees (e.g. images -> latents); it is jitted on its own with
+    ``frozen_params`` as an argument and its key is ``fold_in(step key, PREPARE_STREAM)``, so a
+    resumed run prepares the same batches.
     """
 
     init_params: InitParamsFn
     loss_fn: LossFn
     loss_takes_step: bool = False
+    frozen_params: Any = None
+    prepare_batch: Callable[[Any, Any, jax.Array], Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Hook:
+    """``fn(step, state)`` after every ``every_steps``-th update (0: never periodically) and,
+    with ``at_end``, once after the last update of the run (not on preemption). Runs on every
+    process (it may run jitted code on the sharded state); write files on process 0 only."""
+
+    every_steps: int
+    fn: Callable[[int, TrainState], None]
+    at_end: bool = True
 
 
 @dataclasses.dataclass
@@ -88,11 +119,18 @@ def train(
     on_metrics: MetricsCallback = _log_metrics,
     checkpoint_metadata: Callable[[int], Mapping[str, Any]] | None = None,
     guard: PreemptionGuard | None = None,
+    hooks: Sequence[Hook] = (),
+    on_step: MetricsCallback | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train ``task`` for ``config.train.num_steps`` updates, resuming from ``checkpoint_dir``.
 
     ``checkpoint_metadata(step)`` adds JSON-able entries to each checkpoint's metadata
     (beside ``step`` and ``data_position``). ``guard`` replaces the default SIGTERM guard.
+    ``on_metrics(step, metrics)`` runs every ``config.train.log_every`` steps and after the
+    last; ``on_step(step, metrics)`` after every step (one step late: metrics are read after
+    the next step is dispatched); ``on_start(step)`` once the state is ready (before the
+    first step, which compiles), with the step the run starts from; ``hooks`` see the state (see ``Hook``).
     """
     initialize_distributed(config)
     config = resolve_config(config, jax.device_count(), jax.process_count())
@@ -102,10 +140,42 @@ def train(
         with Checkpointer(
             checkpoint_dir, max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save
         ) as checkpointer:
-            return _train(config, task, batches, checkpointer, on_metrics, checkpoint_metadata, active_guard)
+            return _train(
+                config, task, batches, checkpointer, on_metrics, checkpoint_metadata, active_guard,
+                tuple(hooks), on_step, on_start,
+            )
 
 
-def _train(config, task, batches, checkpointer, on_metrics, checkpoint_metadata, guard) -> TrainResult:
+def place_frozen(frozen_params: Any, mesh: jax.sharding.Mesh, rules: mesh_lib.LogicalRules) -> tuple[Any, Any]:
+    """``(arrays, shardings)``: the frozen tree unboxed and placed on ``mesh`` (sharded by
+    ``rules`` where leaves carry logical names, replicated otherwise). Every process must
+    hold the same values (they are loaded from the same files); each places its own shards."""
+    shardings = mesh_lib.param_shardings(frozen_params, mesh, rules)
+    values = nn.unbox(frozen_params)
+
+    def place(value, sharding):
+        if isinstance(value, jax.Array) and value.sharding == sharding:
+            return value
+        host = np.asarray(value)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(place, values, shardings), shardings
+
+
+def compile_prepare_batch(task: Task, frozen_shardings: Any, mesh: jax.sharding.Mesh) -> Callable:
+    """``jax.jit`` of ``task.prepare_batch`` with the frozen params as a sharded argument and
+    the batch split over the data axes in and out."""
+    b_sharding = mesh_lib.batch_sharding(mesh)
+    return jax.jit(
+        task.prepare_batch,
+        in_shardings=(frozen_shardings, b_sharding, mesh_lib.replicated(mesh)),
+        out_shardings=b_sharding,
+    )
+
+
+def _train(
+    config, task, batches, checkpointer, on_metrics, checkpoint_metadata, guard, hooks, on_step, on_start
+) -> TrainResult:
     mesh = mesh_lib.make_mesh(config.mesh)
     rules = mesh_lib.logical_axis_rules(config.sharding)
     tx, lr_schedule = make_optimizer(config.optimizer)
@@ -137,6 +207,13 @@ def _train(config, task, batches, checkpointer, on_metrics, checkpoint_metadata,
     )
     key_fn = jax.jit(step_key, out_shardings=mesh_lib.replicated(mesh))
     b_sharding = mesh_lib.batch_sharding(mesh)
+    prepare = None
+    if task.prepare_batch is not None:
+        frozen, frozen_shardings = place_frozen(task.frozen_params, mesh, rules)
+        prepare = compile_prepare_batch(task, frozen_shardings, mesh)
+        prepare_key_fn = jax.jit(
+            lambda key: jax.random.fold_in(key, PREPARE_STREAM), out_shardings=mesh_lib.replicated(mesh)
+        )
     global_batch = int(config.train.global_batch_size)
     num_steps = int(config.train.num_steps)
     every = int(config.checkpoint.every_steps)
@@ -165,7 +242,12 @@ def _train(config, task, batches, checkpointer, on_metrics, checkpoint_metadata,
                 f"stopped without saving, last checkpoint is step {checkpointer.latest_step()} "
                 f"in {checkpointer.directory}"
             )
+        if on_step is not None:
+            on_step(at_step, host)
         return host
+
+    if on_start is not None:
+        on_start(step)
 
     preempted = False
     data = iter(batches(position, process_batch_rows(b_sharding, global_batch)))
@@ -180,17 +262,26 @@ def _train(config, task, batches, checkpointer, on_metrics, checkpoint_metadata,
             break
         batch = global_batch_from_local(next(data), b_sharding, global_batch)
         key = key_fn(state.rng, step)
+        if prepare is not None:
+            batch = prepare(frozen, batch, prepare_key_fn(key))
         state, metrics = train_step(state, batch, key)
         step += 1
         last_metrics = check(unchecked)
         unchecked = (step, metrics)
-        if step % every == 0 or step == num_steps or step % log_every == 0:
+        due_hooks = [
+            hook
+            for hook in hooks
+            if (hook.every_steps > 0 and step % hook.every_steps == 0) or (hook.at_end and step == num_steps)
+        ]
+        if step % every == 0 or step == num_steps or step % log_every == 0 or due_hooks:
             last_metrics = check(unchecked)
             unchecked = None
             if step % log_every == 0 or step == num_steps:
                 on_metrics(step, last_metrics)
             if step % every == 0 or step == num_steps:
                 save(step)
+            for hook in due_hooks:
+                hook.fn(step, state)
     last_metrics = check(unchecked)
     checkpointer.wait_until_finished()
     return TrainResult(state, step, preempted, last_metrics, resumed_from)

@@ -1,0 +1,27 @@
+"""Training stages, by ``config.stage`` name.
+
+Each stage is a module with ``build_stage(config, data_stats) -> Stage`` (see ``base.Stage``);
+``train.py`` looks it up here and never looks inside. Modules are imported on first use, so
+naming a stage costs nothing for the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+# config.stage -> module path
+STAGES: dict[str, str] = {
+    "autoencoder": "ldm_jax.training.tasks.autoencoder",
+    "diffusion": "ldm_jax.training.tasks.diffusion",
+}
+
+
+def stage_module(name: str) -> ModuleType:
+    """The module of stage ``name``; ValueError naming the known stages otherwise."""
+    if name not in STAGES:
+        raise ValueError(f"unknown config.stage {name!r}; choose one of {', '.join(sorted(STAGES))}")
+    return importlib.import_module(STAGES[name])
+
+
+__all__ = ["STAGES", "stage_module"]

@@ -1,0 +1,172 @@
+"""Reading a training run directory back: its config, checkpoints and EMA weights, and the
+inference objects built from them.
+
+Layout written by ``train.py``::
+
+    <workdir>/checkpoints/config.json        the resolved config
+    <workdir>/checkpoints/<step>/state/...   TrainState (params, opt_state, ema_params, ...)
+    <workdir>/checkpoints/<step>/metadata    JSON (scale_factor, data facts, ...)
+    <workdir>/model/                         the exported EMA model (end of training)
+    <workdir>/samples/*.png, tensorboard/    previews and event files
+
+``from_workdir(workdir, step=None)`` restores a diffusion run's EMA params (only those are read
+from the checkpoint) and returns a ``LatentDiffusionPipeline``; ``load_first_stage_from_workdir``
+does the same for an autoencoder run (the diffusion stage's ``first_stage.source="workdir"``).
+Reading never creates, locks or cleans anything in the workdir, so it is safe while the run
+is still training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from ldm_jax.training.checkpointing import CONFIG_FILE, METADATA_ITEM, STATE_ITEM
+
+CHECKPOINTS = "checkpoints"
+
+
+def checkpoint_dir(workdir: str | os.PathLike) -> str:
+    return os.path.join(os.path.abspath(os.fspath(workdir)), CHECKPOINTS)
+
+
+def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """The resolved config a run was started with (``checkpoints/config.json``)."""
+    path = os.path.join(checkpoint_dir(workdir), CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {checkpoint_dir(workdir)}: not a training workdir")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
+    """Steps of the finished checkpoints (orbax renames a save into ``<step>`` when complete)."""
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        return []
+    steps = []
+    for name in os.listdir(directory):
+        if name.isdigit() and os.path.isdir(os.path.join(directory, name, STATE_ITEM)):
+            steps.append(int(name))
+    return sorted(steps)
+
+
+def resolve_step(workdir: str | os.PathLike, step: int | None = None) -> int:
+    """``step`` if that checkpoint exists, the latest when None; ValueError naming the choices."""
+    steps = checkpoint_steps(workdir)
+    if not steps:
+        raise ValueError(f"no checkpoint in {checkpoint_dir(workdir)}")
+    if step is None:
+        return steps[-1]
+    if int(step) not in steps:
+        raise ValueError(f"no checkpoint for step {step} in {checkpoint_dir(workdir)}; available: {steps}")
+    return int(step)
+
+
+def read_metadata(workdir: str | os.PathLike, step: int | None = None) -> dict:
+    """The JSON metadata stored with checkpoint ``step`` (default: the latest)."""
+    step = resolve_step(workdir, step)
+    path = os.path.join(checkpoint_dir(workdir), str(step), METADATA_ITEM)
+    return dict(ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path))
+
+
+def latest_metadata(workdir: str | os.PathLike) -> dict | None:
+    """The latest checkpoint's metadata, or None when the run has no checkpoint yet."""
+    if not checkpoint_steps(workdir):
+        return None
+    return read_metadata(workdir)
+
+
+def restore_ema_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[Any, int]:
+    """``(ema_params as host NumPy arrays, step)``; only the EMA tree is read from disk."""
+    step = resolve_step(workdir, step)
+    path = os.path.join(checkpoint_dir(workdir), str(step), STATE_ITEM)
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(path)
+    tree = tree.item_metadata.tree if hasattr(tree, "item_metadata") else tree
+    if "ema_params" not in tree:
+        raise ValueError(f"checkpoint {path} holds no ema_params")
+    item = {"ema_params": jax.tree.map(lambda m: np.zeros((), np.float32), tree["ema_params"])}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    restored = checkpointer.restore(
+        path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+    )
+    return restored["ema_params"], step
+
+
+def box_like(abstract_boxed: Any, values: Any) -> Any:
+    """``values`` (a plain tree) with the logical-axis boxes of ``abstract_boxed`` (e.g.
+    ``jax.eval_shape(module.init, ...)``), so frozen params shard like trained ones."""
+
+    def one(box, value):
+        if isinstance(box, nn.LogicallyPartitioned):
+            if tuple(box.value.shape) != tuple(np.shape(value)):
+                raise ValueError(f"restored shape {np.shape(value)} does not match the model's {box.value.shape}")
+            return box.replace_boxed(value)
+        return value
+
+    return jax.tree.map(one, abstract_boxed, values, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedFirstStage:
+    """An autoencoder restored from a first-stage run: ``module`` (``AutoencoderKL`` /
+    ``VQModel``, scale factor 1), ``variables`` (``{"params": boxed EMA params}``) and a JSON
+    ``description`` of where it came from."""
+
+    module: Any
+    variables: Any
+    description: Mapping[str, Any]
+
+
+def load_first_stage_from_workdir(
+    workdir: str | os.PathLike, step: int | None = None, *, dtype: Any = jnp.float32
+) -> LoadedFirstStage:
+    """The EMA autoencoder of an autoencoder training run (checkpoint ``step`` or the latest)."""
+    from ldm_jax.training.tasks import autoencoder as ae_stage
+
+    config = read_config(workdir)
+    if config.get("stage") != "autoencoder":
+        raise ValueError(f"{workdir} is a {config.get('stage')!r} run, not an autoencoder run")
+    ema, step = restore_ema_params(workdir, step)
+    params = ema["autoencoder"]
+    channels = int(np.shape(params["encoder"]["conv_in"]["kernel"])[2])
+    ae_config = ae_stage._merged(ae_stage.autoencoder_defaults(), config.get("autoencoder"), "autoencoder")
+    module = ae_stage._model(ae_config, channels).clone(dtype=dtype)
+    resolution = int(config.get("data", {}).get("resolution", 8 * module.downsample_factor))
+    image = jax.ShapeDtypeStruct((1, resolution, resolution, channels), jnp.float32)
+    abstract = jax.eval_shape(module.init, jax.random.key(0), image)
+    variables = box_like({"params": abstract["params"]}, {"params": params})
+    description = {"source": "workdir", "workdir": os.path.abspath(os.fspath(workdir)), "step": int(step)}
+    return LoadedFirstStage(module, variables, description)
+
+
+def from_workdir(workdir: str | os.PathLike, step: int | None = None, **pipeline_kwargs) -> Any:
+    """A ``LatentDiffusionPipeline`` with the EMA params of a diffusion run's checkpoint
+    ``step`` (default: the latest), its stored scale factor and its frozen first stage /
+    text encoder (loaded again from where the run's config points). ``pipeline_kwargs`` go
+    to ``LatentDiffusionPipeline`` (``devices``, ``batch_invariant``)."""
+    from ldm_jax.training.tasks import diffusion
+
+    config = read_config(workdir)
+    if config.get("stage") != "diffusion":
+        raise ValueError(
+            f"{workdir} is a {config.get('stage')!r} run; from_workdir builds diffusion pipelines "
+            "(autoencoder runs: load_first_stage_from_workdir)"
+        )
+    step = resolve_step(workdir, step)
+    metadata = read_metadata(workdir, step)
+    model = diffusion.build_model(config, metadata["data"])
+    model = dataclasses.replace(model, first_stage=model.first_stage.with_scale(float(metadata["scale_factor"])))
+    ema, _ = restore_ema_params(workdir, step)
+    provenance = {"source": os.path.abspath(os.fspath(workdir)), "format": "ldm_jax.workdir", "step": step}
+    return model.pipeline(ema, info=provenance, **pipeline_kwargs)

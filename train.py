@@ -1,0 +1,184 @@
+"""Train a stage of latent diffusion: the autoencoder or the (latent / pixel) diffusion model.
+
+    python train.py --config configs/digits_autoencoder.py --workdir runs/digits_ae
+    python train.py --config configs/digits_ldm.py --workdir runs/digits_ldm \\
+        --config.first_stage.workdir=runs/digits_ae
+    python train.py --config configs/digits_ldm.py:runlocal ...   # shrunken local variant
+
+Any config field can be overridden with ``--config.<path>=<value>``. Re-running the same command
+resumes from the latest checkpoint in ``<workdir>/checkpoints``. SIGTERM (preemption) saves a
+checkpoint and exits 0; a NaN/inf loss stops with a message and exit code 3, keeping the last
+good checkpoint. A bad config fails at start-up with one line on stderr and exit code 2.
+
+Multi-host: run the same command on every host with ``--config.distributed.coordinator_address=
+host0:1234 --config.distributed.num_processes=N --config.distributed.process_id=i`` (or the
+``LDM_JAX_*`` environment variables, or ``--config.distributed.auto=True`` on TPU pods / SLURM);
+``workdir`` must be on storage every host can write.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/<name>.py[:arg]).")
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints, samples, TensorBoard, exported model.")
+
+log = logging.getLogger("train")
+
+EXIT_CONFIG_ERROR = 2
+EXIT_NON_FINITE = 3
+
+
+class StartupError(Exception):
+    """A bad config or missing input found before the first training step (one-line message)."""
+
+
+def run(config, workdir: str):
+    """Train ``config`` in ``workdir`` (resuming if it holds checkpoints). Returns the loop's
+    ``TrainResult``. Raises StartupError (one-line message) for anything wrong before the first
+    step; errors after that propagate unchanged."""
+    import jax
+    import numpy as np
+
+    from ldm_jax.data import build_dataset, build_loader, dataset_stats
+    from ldm_jax.training.loop import Hook, train
+    from ldm_jax.training.config import resolve_config
+    from ldm_jax.training.distributed import initialize_distributed
+    from ldm_jax.training.tasks import stage_module
+    from ldm_jax.training.visibility import RunLogger
+    from ldm_jax.training.workdir import checkpoint_dir
+
+    started = False
+    workdir = os.path.abspath(workdir)
+    try:
+        if not config.get("stage"):
+            raise ValueError("config.stage is not set (e.g. 'autoencoder' or 'diffusion')")
+        with config.unlocked():
+            config.workdir = workdir
+        initialize_distributed(config)
+        resolved = resolve_config(config, jax.device_count(), jax.process_count())
+        module = stage_module(config.stage)
+        source = build_dataset(config.data)
+        stats = dataset_stats(source, str(config.data.name))
+        kwargs = {"source": source} if "source" in inspect.signature(module.build_stage).parameters else {}
+        stage = module.build_stage(config, stats, **kwargs)
+        train_source = getattr(stage, "data_source", None) or source
+        global_batch = int(resolved.train.global_batch_size)
+        loader = build_loader(config.data, global_batch, source=train_source)
+
+        def batches(position: int, rows: slice):
+            expected = slice(loader.process_index * loader.local_batch_size,
+                             (loader.process_index + 1) * loader.local_batch_size)
+            if (rows.start, rows.stop) != (expected.start, expected.stop):
+                raise ValueError(f"the mesh gives this process batch rows {rows}, the loader serves {expected}")
+            with loader.iterate(start_step=position) as iterator:
+                for batch in iterator:
+                    yield stage.host_batch(batch)
+
+        logging_config = config.get("logging") or {}
+        logger = RunLogger(
+            workdir,
+            total_steps=int(resolved.train.num_steps),
+            global_batch_size=global_batch,
+            tensorboard=bool(logging_config.get("tensorboard", True)),
+            progress_bar=bool(logging_config.get("progress_bar", True)),
+            skipped_images=lambda: int(getattr(train_source, "num_skipped", 0)),
+        )
+        preview_config = config.get("preview") or {}
+        hooks = []
+        preview_every = int(preview_config.get("every_steps", 0))
+        if stage.preview is not None and preview_every >= 0:
+            columns = int(getattr(stage, "preview_columns", 0) or preview_config.get("columns", 0))
+            seed = int(preview_config.get("seed", 0))
+
+            def write_preview(step, state):
+                images = stage.preview(state.ema_params, jax.random.PRNGKey(seed))
+                path = logger.write_grid(step, np.asarray(images), "samples", columns)
+                if path:
+                    log.info("wrote preview %s", path)
+
+            hooks.append(Hook(preview_every, write_preview, at_end=True))
+    except (ValueError, FileNotFoundError) as error:
+        raise StartupError(str(error)) from error
+
+    def on_start(step):
+        nonlocal started
+        started = True
+        logger.on_start(step)
+
+    def metadata(step):
+        return dict(stage.metadata)
+
+    try:
+        with logger:
+            result = train(
+                config,
+                stage.task,
+                batches,
+                checkpoint_dir(workdir),
+                on_metrics=logger.on_metrics,
+                on_step=logger.on_step,
+                on_start=on_start,
+                hooks=hooks,
+                checkpoint_metadata=metadata,
+            )
+    except ValueError as error:
+        if started:
+            raise
+        raise StartupError(str(error)) from error
+    finally:
+        loader.close()
+
+    num_steps = int(resolved.train.num_steps)
+    export_config = config.get("export") or {}
+    export_dir = os.path.join(workdir, str(export_config.get("dirname", "model")))
+    finished = result.step == num_steps and not result.preempted
+    fresh = result.resumed_from != num_steps or not os.path.isdir(export_dir)
+    if stage.export is not None and export_config.get("enabled", True) and finished and fresh:
+        ema = result.state.ema_params
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            ema = multihost_utils.process_allgather(ema, tiled=True)
+        if jax.process_index() == 0:
+            stage.export(jax.device_get(ema), export_dir)
+            log.info("exported the EMA model to %s", export_dir)
+    if result.preempted:
+        log.warning("preempted at step %d; re-run the same command to resume", result.step)
+    return result
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if FLAGS.workdir is None:
+        print("train.py: error: --workdir is required", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    if _CONFIG.value is None:
+        print("train.py: error: --config is required (e.g. configs/digits_ldm.py)", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    logging.getLogger().setLevel(logging.INFO)
+    # orbax reports every checkpoint step at INFO through absl; keep the run log readable.
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    try:
+        run(_CONFIG.value, FLAGS.workdir)
+    except StartupError as error:
+        print(f"train.py: error: {error}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except FloatingPointError as error:
+        print(f"train.py: stopped: {error}", file=sys.stderr)
+        return EXIT_NON_FINITE
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    app.run(lambda argv: sys.exit(main(argv)))
