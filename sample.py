@@ -1,0 +1,337 @@
+#!/usr/bin/env python
+"""Generate images from an ldm_jax model folder, a local diffusers Stable Diffusion folder, or
+a training workdir.
+
+    python sample.py --model_dir MODEL --prompt "a red circle" --num_samples 4 --out samples/
+    python sample.py --model_dir MODEL --prompts prompts.txt --num_samples 2 --batch_size 8 --out samples/
+    python sample.py --model_dir MODEL --class 0 1 2 --guidance_scale 3 --out samples/
+    python sample.py --model_dir MODEL --prompt "..." --init_image in.png --strength 0.6 --out samples/
+    python sample.py --model_dir MODEL --prompt "..." --init_image in.png --mask mask.png --out samples/
+
+``--num_samples`` images are made per prompt / class (or in total for an unconditional
+model). Image k of condition c has the image index ``start_index + c * num_samples + k``; its
+noise depends only on (seed, image index), so ``--start_index i --num_samples 1`` with the
+same condition regenerates image i bit for bit (each JSON sidecar holds that command).
+
+Writes ``<index>.png`` and ``<index>.json`` per image and ``grid.png`` into ``--out``; refuses
+to overwrite existing files unless ``--overwrite``. Bad input gets one line on stderr and exit
+status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shlex
+import sys
+
+import numpy as np
+
+EXIT_BAD_INPUT = 2
+
+
+class BadInput(Exception):
+    """A user error: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + message; one line is the contract here
+        raise BadInput(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="sample.py", description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model_dir", help="ldm_jax model folder (ldm_jax.json) or diffusers SD folder (model_index.json)")
+    src.add_argument("--workdir", help="training workdir (loads a checkpoint via ldm_jax.training.from_workdir)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step in --workdir (default: latest)")
+    p.add_argument("--config", default=None, help="training config file for --workdir (default: the workdir's own)")
+    cond = p.add_mutually_exclusive_group()
+    cond.add_argument("--prompt", action="append", help="a text prompt (repeatable)")
+    cond.add_argument("--prompts", help="a text file with one prompt per line (blank lines skipped)")
+    cond.add_argument("--class", dest="classes", type=int, nargs="+", help="class ids")
+    p.add_argument("--negative_prompt", default=None)
+    p.add_argument("--num_samples", type=int, default=1, help="images per prompt / class (default 1)")
+    p.add_argument("--batch_size", type=int, default=8, help="images per compiled call (default 8)")
+    p.add_argument("--start_index", type=int, default=0, help="image index of the first image (default 0)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--sampler", default="ddim")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance_scale", type=float, default=7.5)
+    p.add_argument("--guidance_rescale", type=float, default=0.0)
+    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--init_image", default=None, help="image for img2img (or inpainting with --mask)")
+    p.add_argument("--strength", type=float, default=None, help="img2img strength in [0, 1] (default 0.8)")
+    p.add_argument("--mask", default=None, help="inpainting mask image: white = repaint, black = keep")
+    p.add_argument("--low_res", default=None, help="low-resolution conditioning image (super-resolution models)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--compilation_cache", default=None, metavar="DIR", help="persistent XLA compilation cache dir")
+    p.add_argument(
+        "--fast_batching",
+        action="store_true",
+        help="batch each device's images together (faster on accelerators; images then depend on the batch size)",
+    )
+    return p
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_image(path: str, name: str, mode: str) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise BadInput(f"{name} not found: {path}")
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert(mode))
+    except (UnidentifiedImageError, OSError) as e:
+        raise BadInput(f"cannot read {name} {path}: {e}") from None
+
+
+def _conditions(args) -> tuple[str, list]:
+    """(kind, values): kind "prompt", "class" or "none"."""
+    if args.prompts is not None:
+        if not os.path.isfile(args.prompts):
+            raise BadInput(f"prompt file not found: {args.prompts}")
+        with open(args.prompts, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+        if not prompts:
+            raise BadInput(f"prompt file {args.prompts} holds no prompts")
+        return "prompt", prompts
+    if args.prompt is not None:
+        return "prompt", list(args.prompt)
+    if args.classes is not None:
+        return "class", list(args.classes)
+    return "none", [None]
+
+
+def _check_args(args) -> None:
+    for name in ("num_samples", "batch_size", "steps"):
+        if getattr(args, name) < 1:
+            raise BadInput(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.start_index < 0:
+        raise BadInput(f"--start_index must be >= 0, got {args.start_index}")
+    if not 0 <= args.seed < 2**32:
+        raise BadInput(f"--seed must be in [0, 2**32), got {args.seed}")
+    from ldm_jax.diffusion.samplers import sampler_names
+
+    if args.sampler not in sampler_names():
+        raise BadInput(f"unknown sampler {args.sampler!r}; expected one of {', '.join(sampler_names())}")
+    if args.strength is not None and args.init_image is None:
+        raise BadInput("--strength needs --init_image")
+    if args.mask is not None and args.init_image is None:
+        raise BadInput("--mask needs --init_image")
+    if args.config is not None and args.workdir is None:
+        raise BadInput("--config applies to --workdir only")
+    if args.step is not None and args.workdir is None:
+        raise BadInput("--step applies to --workdir only")
+    if args.model_dir is not None and not os.path.isdir(args.model_dir):
+        raise BadInput(f"model directory not found: {args.model_dir}")
+    if args.workdir is not None and not os.path.isdir(args.workdir):
+        raise BadInput(f"workdir not found: {args.workdir}")
+
+
+def _load_pipeline(args):
+    if args.model_dir is not None:
+        from ldm_jax.pipeline import load_model_folder
+
+        return load_model_folder(args.model_dir, batch_invariant=not args.fast_batching)
+    try:
+        from ldm_jax.training import from_workdir
+    except ImportError:
+        raise BadInput(
+            "--workdir is not supported by this version (ldm_jax.training.from_workdir is missing); "
+            "export the model with ldm_jax.pipeline.save_model_folder and pass --model_dir"
+        ) from None
+    pipe = from_workdir(args.workdir, step=args.step, config=args.config)
+    return pipe.with_devices(batch_invariant=not args.fast_batching)
+
+
+def _grid(images: list[np.ndarray], columns: int) -> np.ndarray:
+    rows = math.ceil(len(images) / columns)
+    h, w, c = images[0].shape
+    grid = np.zeros((rows * h, columns * w, c), np.uint8)
+    for i, image in enumerate(images):
+        r, col = divmod(i, columns)
+        grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = image
+    return grid
+
+
+def _regenerate_command(args, kind: str, value, index: int) -> str:
+    """The command that makes exactly this image again (one image, its own index)."""
+    cmd = ["python", "sample.py"]
+    if args.model_dir is not None:
+        cmd += ["--model_dir", os.path.abspath(args.model_dir)]
+    else:
+        cmd += ["--workdir", os.path.abspath(args.workdir)]
+        if args.step is not None:
+            cmd += ["--step", str(args.step)]
+        if args.config is not None:
+            cmd += ["--config", os.path.abspath(args.config)]
+    if kind == "prompt":
+        cmd += ["--prompt", value]
+    elif kind == "class":
+        cmd += ["--class", str(value)]
+    if args.negative_prompt is not None:
+        cmd += ["--negative_prompt", args.negative_prompt]
+    cmd += ["--num_samples", "1", "--start_index", str(index), "--seed", str(args.seed)]
+    cmd += ["--sampler", args.sampler, "--steps", str(args.steps), "--eta", repr(args.eta)]
+    cmd += ["--guidance_scale", repr(args.guidance_scale), "--guidance_rescale", repr(args.guidance_rescale)]
+    cmd += ["--height", str(args.height), "--width", str(args.width)]
+    for flag in ("init_image", "mask", "low_res"):
+        if getattr(args, flag) is not None:
+            cmd += [f"--{flag}", os.path.abspath(getattr(args, flag))]
+    if args.strength is not None:
+        cmd += ["--strength", repr(args.strength)]
+    if args.fast_batching:
+        cmd += ["--fast_batching", "--batch_size", str(args.batch_size)]
+    cmd += ["--out", "regenerated"]
+    return shlex.join(cmd)
+
+
+def run(args) -> int:
+    _check_args(args)
+    kind, values = _conditions(args)
+    jobs = [(value, args.start_index + c * args.num_samples + k) for c, value in enumerate(values) for k in range(args.num_samples)]
+    names = [f"{index:06d}" for _, index in jobs]
+    targets = [f"{n}.png" for n in names] + [f"{n}.json" for n in names] + ["grid.png"]
+    existing = [t for t in targets if os.path.exists(os.path.join(args.out, t))]
+    if existing and not args.overwrite:
+        raise BadInput(
+            f"{args.out} already holds {existing[0]}" + (f" and {len(existing) - 1} more outputs" if len(existing) > 1 else "")
+            + "; pass --overwrite or choose another --out"
+        )
+    images_in = {}
+    if args.init_image is not None:
+        images_in["init_image"] = _read_image(args.init_image, "init image", "RGB")
+    if args.mask is not None:
+        images_in["mask"] = _read_image(args.mask, "mask", "L")
+        if images_in["mask"].shape[:2] != images_in["init_image"].shape[:2]:
+            (mh, mw), (ih, iw) = images_in["mask"].shape[:2], images_in["init_image"].shape[:2]
+            raise BadInput(f"mask size {mh}x{mw} does not match init image size {ih}x{iw}")
+    if args.low_res is not None:
+        images_in["low_res"] = _read_image(args.low_res, "low-res image", "RGB")
+
+    from ldm_jax.pipeline import enable_compilation_cache
+
+    enable_compilation_cache(args.compilation_cache)
+    if os.environ.get("LDM_JAX_COORDINATOR_ADDRESS"):
+        from ldm_jax.training.distributed import initialize_distributed
+
+        initialize_distributed({})
+    import jax
+    from PIL import Image
+    from tqdm import tqdm
+
+    pipe = _load_pipeline(args)
+    if "init_image" in images_in:
+        size = images_in["init_image"].shape[:2]
+        if (args.height or size[0], args.width or size[1]) != size:
+            raise BadInput(f"--height/--width {args.height}x{args.width} do not match the init image {size[0]}x{size[1]}")
+        args.height, args.width = size
+    default = pipe.default_size
+    if args.height is None or args.width is None:
+        if default is None:
+            raise BadInput("the model has no default size: pass --height and --width")
+        args.height = args.height or default[0]
+        args.width = args.width or default[1]
+    pipe.check_size(args.height, args.width)
+
+    writer = jax.process_index() == 0
+    model_record = {
+        "source": pipe.info.get("source"),
+        "format": pipe.info.get("format"),
+        "checkpoint_step": pipe.info.get("step"),
+        "params_hash": pipe.params_hash,
+    }
+    inputs_record = {
+        name: {"path": os.path.abspath(getattr(args, name)), "sha256": _file_sha256(getattr(args, name))}
+        for name in images_in
+    }
+    if writer:
+        os.makedirs(args.out, exist_ok=True)
+    outputs = []
+    batches = [jobs[i : i + args.batch_size] for i in range(0, len(jobs), args.batch_size)]
+    for batch in tqdm(batches, desc="sampling", unit="batch", file=sys.stderr, disable=not writer):
+        conditions = [value for value, _ in batch]
+        images = pipe(
+            prompts=conditions if kind == "prompt" else None,
+            class_labels=conditions if kind == "class" else None,
+            num_images=len(batch),
+            image_indices=[index for _, index in batch],
+            negative_prompt=args.negative_prompt,
+            sampler=args.sampler,
+            num_steps=args.steps,
+            guidance_scale=args.guidance_scale,
+            guidance_rescale=args.guidance_rescale,
+            eta=args.eta,
+            seed=args.seed,
+            height=args.height,
+            width=args.width,
+            strength=args.strength,
+            pad_batch_to=args.batch_size,
+            **images_in,
+        )
+        for (value, index), image in zip(batch, images):
+            outputs.append(image)
+            if not writer:
+                continue
+            name = f"{index:06d}"
+            Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(os.path.join(args.out, f"{name}.png"))
+            sidecar = {
+                "image": f"{name}.png",
+                "image_index": index,
+                "seed": args.seed,
+                "prompt": value if kind == "prompt" else None,
+                "negative_prompt": args.negative_prompt,
+                "class_label": value if kind == "class" else None,
+                "sampler": args.sampler,
+                "num_steps": args.steps,
+                "guidance_scale": args.guidance_scale,
+                "guidance_rescale": args.guidance_rescale,
+                "eta": args.eta,
+                "height": args.height,
+                "width": args.width,
+                "strength": args.strength,
+                "inputs": inputs_record,
+                "batch_invariant": not args.fast_batching,
+                "batch_size": args.batch_size,
+                "num_devices": pipe.num_devices,
+                "model": model_record,
+                "command": _regenerate_command(args, kind, value, index),
+            }
+            with open(os.path.join(args.out, f"{name}.json"), "w", encoding="utf-8") as f:
+                json.dump(sidecar, f, indent=2)
+                f.write("\n")
+    if writer:
+        columns = args.num_samples if len(values) > 1 and args.num_samples <= 16 else math.ceil(math.sqrt(len(outputs)))
+        grid = _grid(outputs, columns)
+        Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(os.path.join(args.out, "grid.png"))
+        print(f"wrote {len(outputs)} images and grid.png to {args.out}", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return run(args)
+    except (BadInput, ValueError, OSError) as e:
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"sample.py: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
