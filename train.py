@@ -40,10 +40,10 @@ class StartupError(Exception):
     """A bad config or missing input found before the first training step (one-line message)."""
 
 
-def run(config, workdir: str):
+def run(config, workdir: str, extra_hooks=()):
     """Train ``config`` in ``workdir`` (resuming if it holds checkpoints). Returns the loop's
     ``TrainResult``. Raises StartupError (one-line message) for anything wrong before the first
-    step; errors after that propagate unchanged."""
+    step; errors after that propagate unchanged. ``extra_hooks``: more ``loop.Hook`` objects."""
     import jax
     import numpy as np
 
@@ -105,6 +105,7 @@ def run(config, workdir: str):
                     log.info("wrote preview %s", path)
 
             hooks.append(Hook(preview_every, write_preview, at_end=True))
+        hooks.extend(extra_hooks)
     except (ValueError, FileNotFoundError) as error:
         raise StartupError(str(error)) from error
 

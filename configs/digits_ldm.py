@@ -8,7 +8,8 @@
 The second half of ``make demo``: 32x32 digits -> 8x8x4 latents (the autoencoder of
 ``configs/digits_autoencoder.py``), a small convolutional U-Net whose class embedding is added
 to the time embedding (label 10 is the null class for classifier-free guidance), sized to
-learn legible digits on a 2-core CPU in a few minutes. The preview grid has one row per digit.
+learn legible digits on a 2-core CPU in a few minutes (1500 steps of 64 latents; about 300
+latents/s on 2 busy cores). The preview grid has one row per digit.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def get_config(arg: str | None = None):
     c.first_stage.scale_batches = 8
     c.first_stage.cache_latents = True  # 1797 images: encode once, train on latents
 
-    c.unet.block_out_channels = (64, 128, 128)  # 8x8 -> 4x4 -> 2x2
+    c.unet.block_out_channels = (32, 64, 64)  # 8x8 -> 4x4 -> 2x2
     c.unet.layers_per_block = 1
     c.unet.down_block_types = ("DownBlock2D",) * 3
     c.unet.up_block_types = ("UpBlock2D",) * 3
@@ -43,24 +44,27 @@ def get_config(arg: str | None = None):
     c.diffusion.prediction = "eps"
     c.diffusion.weighting = "min_snr"
 
-    c.optimizer.learning_rate = 1e-3
+    c.optimizer.learning_rate = 2e-3
     c.optimizer.warmup_steps = 100
     c.optimizer.end_lr_ratio = 0.05
     c.optimizer.weight_decay = 0.0
-    c.ema.decay = 0.995
+    c.ema.decay = 0.99
 
     c.train.global_batch_size = 64
-    c.train.num_steps = 2000
+    c.train.num_steps = 1500
     c.train.log_every = 100
     c.checkpoint.every_steps = 500
-    c.preview.every_steps = 1000
+    c.preview.every_steps = 750
     c.preview.columns = 8
     c.preview.max_rows = 10
-    c.preview.sampler = "ddim"
-    c.preview.num_steps = 50
+    # Ancestral sampling: this briefly trained model's deterministic (DDIM) trajectories
+    # still show speckle; DDPM's fresh noise at each step washes it out.
+    c.preview.sampler = "ddpm"
+    c.preview.num_steps = 100
     c.preview.guidance_scale = 3.0
 
     if local:
+        c.data.resolution = 16  # as configs/digits_autoencoder.py:runlocal
         c.unet.block_out_channels = (32, 32)
         c.unet.down_block_types = ("DownBlock2D",) * 2
         c.unet.up_block_types = ("UpBlock2D",) * 2

@@ -1,0 +1,405 @@
+"""train.py end to end on tiny configs: both digits stages, a text-conditional shapes run, tfds
+(mock data), an image folder with a corrupt file, start-up errors, resume after preemption, the
+workdir -> pipeline round trip, and the SD 1.5 config's shapes and sharding on 8 devices.
+
+Every run is in-process through ``train.run`` (one subprocess checks the command-line error
+path); runs share a persistent compilation cache so identical programs compile once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import re
+import signal
+import struct
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from configs import celeba64_ldm, digits_autoencoder, digits_ldm, mnist_ldm, sd15, shapes_ldm  # noqa: E402
+from ldm_jax.training import workdir as wd  # noqa: E402
+from ldm_jax.training.loop import Hook  # noqa: E402
+
+
+def _load_train_module():
+    spec = importlib.util.spec_from_file_location("train_cli", os.path.join(ROOT, "train.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_cli = _load_train_module()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Identical programs of different runs (e.g. a resumed run) compile once."""
+    previous = (
+        jax.config.jax_compilation_cache_dir,
+        jax.config.jax_persistent_cache_min_compile_time_secs,
+        jax.config.jax_persistent_cache_min_entry_size_bytes,
+    )
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    yield
+    jax.config.update("jax_compilation_cache_dir", previous[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", previous[1])
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", previous[2])
+
+
+def _quiet(config):
+    config.optimizer.warmup_steps = 1
+    config.logging.progress_bar = False
+    config.checkpoint.async_save = False
+    return config
+
+
+def _ae_config():
+    c = _quiet(digits_autoencoder.get_config("runlocal"))
+    c.train.num_steps = 2
+    c.optimizer.warmup_steps = 1
+    c.checkpoint.every_steps = 2
+    c.preview.every_steps = -1
+    c.export.enabled = False
+    return c
+
+
+def _ldm_config(ae_workdir):
+    c = _quiet(digits_ldm.get_config("runlocal"))
+    c.first_stage.workdir = str(ae_workdir)
+    c.first_stage.sample_posterior = False  # deterministic latents: the scale check below is exact
+    c.train.num_steps = 4
+    c.checkpoint.every_steps = 2
+    c.train.log_every = 2
+    c.preview.every_steps = 0  # only after the last step
+    return c
+
+
+@pytest.fixture(scope="module")
+def digits_runs(tmp_path_factory):
+    """A tiny autoencoder run and a tiny class-conditional LDM on it (4 steps)."""
+    root = tmp_path_factory.mktemp("digits")
+    ae_dir, ldm_dir = root / "ae", root / "ldm"
+    train_cli.run(_ae_config(), str(ae_dir))
+    result = train_cli.run(_ldm_config(ae_dir), str(ldm_dir))
+    return ae_dir, ldm_dir, result
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _read_events(directory):
+    """TensorBoard event records of ``directory`` (TFRecord framing) -> scalars and image tags."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars, images = {}, set()
+    for name in sorted(os.listdir(directory)):
+        with open(os.path.join(directory, name), "rb") as f:
+            data = f.read()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            event = Event.FromString(data[offset + 12 : offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                if value.HasField("image"):
+                    images.add(value.tag)
+                else:
+                    scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return scalars, images
+
+
+def _grid_tiles(path, rows, columns, size, padding=2):
+    """The tiles of a grid PNG written by RunLogger (nearest-upscaled by an integer factor)."""
+    grid = np.asarray(Image.open(path))
+    if grid.ndim == 2:
+        grid = grid[..., None]
+    height = rows * (size + padding) + padding
+    scale = grid.shape[0] // height
+    grid = grid[::scale, ::scale]
+    tiles = []
+    for r in range(rows):
+        for c in range(columns):
+            top, left = padding + r * (size + padding), padding + c * (size + padding)
+            tiles.append(grid[top : top + size, left : left + size])
+    return np.stack(tiles)
+
+
+# ----------------------------------------------------------------------------- two digits stages
+
+
+def test_digits_stages_train_checkpoint_log_and_export(digits_runs):
+    from ldm_jax.data import DataLoader
+    from ldm_jax.pipeline import load_model_folder
+
+    ae_dir, ldm_dir, result = digits_runs
+    assert wd.checkpoint_steps(ae_dir) == [2] and wd.checkpoint_steps(ldm_dir) == [2, 4]
+    assert result.step == 4 and np.isfinite(result.last_metrics["loss"])
+    saved = json.load(open(os.path.join(wd.checkpoint_dir(ldm_dir), "config.json")))
+    assert saved["mesh"]["shape"] == {"data": 8, "fsdp": 1, "tensor": 1}  # the resolved wildcard
+    assert saved["first_stage"]["workdir"] == str(ae_dir)
+
+    # scale_factor = 1 / std of the first batch of latents, recomputed in float64 from the cache
+    meta = wd.read_metadata(ldm_dir, 4)
+    cache = np.load(os.path.join(ldm_dir, "latent_cache", "latents.npy"))
+    labels = np.load(os.path.join(ldm_dir, "latent_cache", "labels.npy"))
+    assert cache.shape == (1617, 8, 8, 8) and labels.min() == 0 and labels.max() == 9
+    first = DataLoader(_FakeLen(len(cache)), 8, seed=0, shuffle=True).sampler.global_batch_indices(0)
+    mean = cache[first][..., :4].astype(np.float64)
+    assert meta["scale_factor"] == pytest.approx(1.0 / mean.std(), rel=1e-5)
+    assert meta["first_stage"] == {"source": "workdir", "workdir": str(ae_dir), "step": 2}
+    assert meta["data"]["num_classes"] == 10
+
+    scalars, images = _read_events(os.path.join(ldm_dir, "tensorboard"))
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "perf/images_per_sec", "data/skipped_images"):
+        assert tag in scalars, tag
+    assert [step for step, _ in scalars["train/loss"]] == [2, 4]
+    assert "samples" in images
+    assert os.path.isfile(os.path.join(ldm_dir, "samples", "samples_0000004.png"))
+
+    pipe = load_model_folder(os.path.join(ldm_dir, "model"))
+    assert pipe.conditioner.kind == "class" and pipe.conditioner.num_classes == 10
+    assert pipe.first_stage.module.scale_factor == pytest.approx(meta["scale_factor"])
+    ema, _ = wd.restore_ema_params(ldm_dir, 4)
+    np.testing.assert_array_equal(
+        pipe.params["unet"]["conv_in"]["kernel"], ema["unet"]["conv_in"]["kernel"]
+    )
+
+
+class _FakeLen:
+    """A source of a given length (only the sampler's index order is needed)."""
+
+    resolution, channels, num_classes, has_captions = 1, 1, None, False
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return {}
+
+
+def test_from_workdir_pipeline_reproduces_the_training_preview(digits_runs):
+    """The preview grid written by the trainer (batched jitted sampling in the training
+    process) equals what the pipeline rebuilt from the workdir's checkpoint generates."""
+    _, ldm_dir, _ = digits_runs
+    config = _ldm_config("unused")
+    pipe = wd.from_workdir(ldm_dir)
+    rows, columns = config.preview.max_rows, config.preview.columns
+    labels = [r for r in range(rows) for _ in range(columns)]
+    images = pipe(
+        class_labels=labels, sampler=config.preview.sampler, num_steps=config.preview.num_steps,
+        guidance_scale=config.preview.guidance_scale, seed=config.preview.seed,
+    )
+    tiles = _grid_tiles(os.path.join(ldm_dir, "samples", "samples_0000004.png"), rows, columns, 16)
+    assert images.shape == tiles.shape == (rows * columns, 16, 16, 1)
+    diff = np.abs(images.astype(int) - tiles.astype(int))
+    # batched vs per-image sampling differ in float rounding only: at most one 8-bit level
+    assert diff.max() <= 1 and diff.mean() < 0.02
+    assert images.std() > 0  # not a constant image
+
+
+def test_frozen_first_stage_is_an_argument_not_a_compiled_constant(digits_runs):
+    from ldm_jax.data import DataLoader, build_dataset, dataset_stats
+    from ldm_jax.training import mesh as mesh_lib
+    from ldm_jax.training.loop import compile_prepare_batch, place_frozen
+    from ldm_jax.training.tasks import diffusion
+
+    ae_dir, ldm_dir, _ = digits_runs
+    config = _ldm_config(ae_dir)
+    config.first_stage.cache_latents = False
+    config.workdir = str(ldm_dir)  # resumes the stored scale factor instead of estimating
+    source = build_dataset(config.data)
+    stage = diffusion.build_stage(config, dataset_stats(source), source=source)
+    mesh = mesh_lib.make_mesh({"shape": {"data": -1}})
+    frozen, shardings = place_frozen(stage.task.frozen_params, mesh, ())
+    batch = stage.host_batch(DataLoader(source, 8).get_batch(0))
+    text = compile_prepare_batch(stage.task, shardings, mesh).lower(frozen, batch, jax.random.key(0)).as_text()
+    sizes = [math.prod(int(d) for d in dims.split("x")[:-1] if d) for dims in
+             re.findall(r"stablehlo\.constant dense<[^>]*> : tensor<([0-9x]*[a-z0-9]+)>", text)]
+    num_params = sum(x.size for x in jax.tree.leaves(frozen))
+    assert num_params > 10_000 and max(sizes, default=0) < 64
+    assert stage.metadata["scale_factor"] == wd.read_metadata(ldm_dir)["scale_factor"]
+
+
+def test_resume_after_preemption_reproduces_the_uninterrupted_run(digits_runs, tmp_path):
+    ae_dir, reference_dir, _ = digits_runs
+    config = _ldm_config(ae_dir)
+    config.preview.every_steps = -1
+    config.export.enabled = False
+    sigterm_at_2 = Hook(2, lambda step, state: os.kill(os.getpid(), signal.SIGTERM), at_end=False)
+    first = train_cli.run(config, str(tmp_path / "ldm"), extra_hooks=[sigterm_at_2])
+    assert first.preempted and first.step == 2 and wd.checkpoint_steps(tmp_path / "ldm") == [2]
+    second = train_cli.run(_ldm_config(ae_dir), str(tmp_path / "ldm"))
+    assert second.resumed_from == 2 and second.step == 4
+    resumed, _ = wd.restore_ema_params(tmp_path / "ldm", 4)
+    reference, _ = wd.restore_ema_params(reference_dir, 4)
+    jax.tree.map(np.testing.assert_array_equal, resumed, reference)
+
+
+# ----------------------------------------------------------------------------- other data
+
+
+def test_text_conditional_shapes_run_trains_the_text_encoder(tmp_path):
+    from ldm_jax.pipeline import load_model_folder
+    from ldm_jax.training.tasks import diffusion
+
+    config = _quiet(shapes_ldm.get_config("runlocal"))
+    config.first_stage.source = "identity"
+    config.train.num_steps = 2
+    config.preview.every_steps = 0
+    result = train_cli.run(config, str(tmp_path))
+    assert result.step == 2 and np.isfinite(result.last_metrics["loss"])
+
+    # the jointly trained text encoder moved away from its initialisation
+    model = diffusion.build_model(wd.read_config(tmp_path), wd.read_metadata(tmp_path)["data"])
+    params_key = jax.random.split(jax.random.key(config.seed))[0]  # as train_state._init_state
+    initial = jax.tree.map(np.asarray, nn.unbox(model.init_params(params_key)))
+    trained, _ = wd.restore_ema_params(tmp_path)
+    moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), trained["text_encoder"], initial["text_encoder"])
+    assert max(jax.tree.leaves(moved)) > 0
+    grid = np.asarray(Image.open(os.path.join(tmp_path, "samples", "samples_0000002.png")))
+    assert grid.shape[0] // (2 * 18 + 2) == grid.shape[1] // (2 * 18 + 2)  # 2 prompts x 2 samples
+    pipe = load_model_folder(os.path.join(tmp_path, "model"))
+    assert pipe.conditioner.kind == "text" and type(pipe.conditioner.encoder).__name__ == "TextTransformer"
+
+
+def test_tfds_mnist_config_trains_on_mock_data(tmp_path):
+    import tensorflow_datasets as tfds
+
+    config = _quiet(mnist_ldm.get_config("runlocal"))
+    config.data.data_dir = str(tmp_path / "no_tfds_here")
+    config.train.num_steps = 2
+    config.preview.every_steps = -1
+    config.export.enabled = False
+    with tfds.testing.mock_data(num_examples=16):
+        result = train_cli.run(config, str(tmp_path / "run"))
+    assert result.step == 2 and np.isfinite(result.last_metrics["loss"])
+    data = wd.read_metadata(tmp_path / "run")["data"]
+    assert (data["num_classes"], data["channels"], data["resolution"]) == (10, 1, 16)
+
+
+def test_image_folder_with_a_corrupt_file_trains_and_reports_the_skip(tmp_path, caplog):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+    config = _quiet(celeba64_ldm.get_config("runlocal"))
+    config.data = {"name": "folder", "path": str(folder), "resolution": 16, "channels": 3, "seed": 0}
+    config.train.num_steps = 2
+    config.preview.every_steps = -1
+    config.export.enabled = False
+    with caplog.at_level("WARNING"):
+        result = train_cli.run(config, str(tmp_path / "run"))
+    assert result.step == 2 and np.isfinite(result.last_metrics["loss"])
+    scalars, _ = _read_events(os.path.join(tmp_path, "run", "tensorboard"))
+    assert scalars["data/skipped_images"][-1] == (2, 1.0)
+    assert any("skipped 1 unreadable images" in r.getMessage() for r in caplog.records)
+
+
+# ----------------------------------------------------------------------------- start-up errors
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (lambda c: c.data.update(name="mnistt"), "unknown dataset name 'mnistt'"),
+        (lambda c: c.train.update(global_batch_size=12), "global_batch_size=12 is not divisible"),
+        (lambda c: c.mesh.update(shape={"data": 16}), "needs 16 devices but only 8"),
+        (lambda c: c.update(stage="difusion"), "unknown config.stage 'difusion'"),
+        (lambda c: c.conditioning.update(kind="txt"), "unknown config.conditioning.kind 'txt'"),
+    ],
+)
+def test_bad_config_fails_at_start_up_with_one_line(tmp_path, override, message):
+    config = _quiet(digits_ldm.get_config("runlocal"))
+    config.first_stage.source = "identity"
+    override(config)
+    with pytest.raises(train_cli.StartupError) as error:
+        train_cli.run(config, str(tmp_path))
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert not os.path.exists(wd.checkpoint_dir(tmp_path))
+
+
+def test_command_line_bad_config_prints_one_line_and_exits_nonzero(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop("XLA_FLAGS", None)
+    command = [
+        sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "digits_ldm.py:runlocal"),
+        "--workdir", str(tmp_path), "--config.data.name=nope", "--config.first_stage.source=identity",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines[-1] == ("train.py: error: unknown dataset name 'nope'; expected one of "
+                         "('digits', 'shapes', 'folder', 'tfds:<name>')")
+    assert sum(line.startswith("train.py:") for line in lines) == 1
+
+
+# ----------------------------------------------------------------------------- SD 1.5 config
+
+
+def test_sd15_config_shapes_and_fsdp_sharding_on_8_devices(capsys):
+    from ldm_jax.models.clip import CLIPTextConfig, CLIPTextEncoder
+    from ldm_jax.training import mesh as mesh_lib
+    from ldm_jax.training.config import resolve_config
+    from ldm_jax.training.optimizer import make_optimizer
+    from ldm_jax.training.tasks import diffusion
+    from ldm_jax.training.train_state import state_shardings
+
+    config = resolve_config(sd15.get_config(), 8)
+    assert dict(config.mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
+    conditioning = diffusion.Conditioning("clip", encoder=CLIPTextEncoder(CLIPTextConfig()), drop_prob=0.1)
+    unet = diffusion.build_unet(config.unet, 4, 64, conditioning)
+    assert unet.cross_attention_dim == 768 and unet.dtype == jnp.bfloat16 and unet.remat
+
+    def init_params(key):
+        return {"unet": unet.init(key, **unet.dummy_inputs(1))["params"]}
+
+    mesh = mesh_lib.make_mesh(config.mesh)
+    tx, _ = make_optimizer(config.optimizer)
+    abstract, shardings = state_shardings(init_params, tx, mesh, mesh_lib.logical_axis_rules(config.sharding))
+    leaves = jax.tree.leaves(abstract.params)
+    total = sum(math.prod(a.shape) for a in leaves)
+    assert total == 859_520_964  # diffusers' SD 1.5 UNet2DConditionModel parameter count
+
+    def per_device(tree, tree_shardings):
+        return sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
+                   for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(tree_shardings)))
+
+    sharded = replicated = 0
+    for a, s in zip(leaves, jax.tree.leaves(shardings.params)):
+        if math.prod(s.shard_shape(a.shape)) * 8 == math.prod(a.shape):
+            sharded += math.prod(a.shape)
+        else:
+            assert math.prod(s.shard_shape(a.shape)) == math.prod(a.shape)
+            assert a.ndim == 1  # only biases / norm scales stay replicated
+            replicated += math.prod(a.shape)
+    params_mb = per_device(abstract.params, shardings.params) / 2**20
+    opt_mb = per_device(abstract.opt_state, shardings.opt_state) / 2**20
+    assert params_mb == pytest.approx((sharded / 8 + replicated) * 4 / 2**20)
+    assert opt_mb == pytest.approx(2 * params_mb, rel=1e-3)  # AdamW mu and nu
+    assert replicated < 0.001 * total
+    with capsys.disabled():
+        print(f"\nSD1.5 U-Net on 8 devices (fsdp=8): {total:,} params, {sharded:,} sharded 8-way, "
+              f"{replicated:,} replicated; per device: params {params_mb:.1f} MB, AdamW {opt_mb:.1f} MB, "
+              f"EMA {params_mb:.1f} MB (total {2 * params_mb + opt_mb:.1f} MB vs "
+              f"{total * 16 / 2**20:.1f} MB unsharded)")
