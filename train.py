@@ -168,6 +168,7 @@ def main(argv):
     logging.getLogger().setLevel(logging.INFO)
     # orbax reports every checkpoint step at INFO through absl; keep the run log readable.
     logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("jax").setLevel(logging.WARNING)  # backend probing ("no TPU found")
     try:
         run(_CONFIG.value, FLAGS.workdir)
     except StartupError as error:

@@ -150,14 +150,40 @@ def load_first_stage_from_workdir(
     return LoadedFirstStage(module, variables, description)
 
 
-def from_workdir(workdir: str | os.PathLike, step: int | None = None, **pipeline_kwargs) -> Any:
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """``get_config(arg)`` of an experiment config file given as ``path/to/name.py[:arg]``
+    (the same syntax as ``train.py --config``)."""
+    import importlib.util
+    import sys
+
+    path, _, arg = str(spec).partition(":")
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file not found: {path}")
+    root = os.path.dirname(os.path.dirname(path))  # so that `from configs import base` works
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    module_spec = importlib.util.spec_from_file_location(f"_ldm_jax_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def from_workdir(
+    workdir: str | os.PathLike, step: int | None = None, config: Any = None, **pipeline_kwargs
+) -> Any:
     """A ``LatentDiffusionPipeline`` with the EMA params of a diffusion run's checkpoint
     ``step`` (default: the latest), its stored scale factor and its frozen first stage /
-    text encoder (loaded again from where the run's config points). ``pipeline_kwargs`` go
-    to ``LatentDiffusionPipeline`` (``devices``, ``batch_invariant``)."""
+    text encoder (loaded again from where the run's config points). ``config``: the run's
+    own ``config.json`` when None, else a ConfigDict or a config file ``path.py[:arg]`` (e.g.
+    when the first stage moved). ``pipeline_kwargs`` go to ``LatentDiffusionPipeline``
+    (``devices``, ``batch_invariant``)."""
     from ldm_jax.training.tasks import diffusion
 
-    config = read_config(workdir)
+    if config is None:
+        config = read_config(workdir)
+    elif isinstance(config, (str, os.PathLike)):
+        config = load_config_file(os.fspath(config))
     if config.get("stage") != "diffusion":
         raise ValueError(
             f"{workdir} is a {config.get('stage')!r} run; from_workdir builds diffusion pipelines "
