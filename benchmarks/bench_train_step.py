@@ -407,7 +407,8 @@ def forward_difference(cfg: BenchConfig, ours: OursRunner, runner: TorchRunner, 
 def time_interleaved(sides: dict, steps: int, chunk: int, warmup: int) -> dict[str, list[list[float]]]:
     """Per-step seconds of each side (name -> zero-argument step function): ``warmup``
     untimed steps each, then rounds in which every side runs ``chunk`` timed steps in turn,
-    until each has ``steps``. Returns name -> one list of step times per round.
+    until each has ``steps``. Returns name -> one list of step times per round. A step
+    function that returns a float has timed itself (a worker process, to leave out the IPC).
 
     A short pause before each chunk lets the previous library's worker threads stop
     spinning, so they do not steal the cores from the next side's first step.
@@ -424,8 +425,9 @@ def time_interleaved(sides: dict, steps: int, chunk: int, warmup: int) -> dict[s
             chunk_times = []
             for _ in range(n):
                 start = time.perf_counter()
-                run()
-                chunk_times.append(time.perf_counter() - start)
+                reported = run()
+                elapsed = time.perf_counter() - start
+                chunk_times.append(reported if isinstance(reported, float) else elapsed)
             rounds[name].append(chunk_times)
         done += n
     return rounds
@@ -438,6 +440,51 @@ def summarize(values: list[float]) -> dict:
         "max": max(values),
         "n": len(values),
     }
+
+
+# XLA:CPU with one thread for everything (Eigen intra-op pool and the runtime's own pool).
+SINGLE_THREAD_XLA_FLAGS = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+def _ours_worker(conn, cfg: BenchConfig, batch_np: dict, dtype: str) -> None:
+    """Child process body: build and compile our step, then run one timed step per message."""
+    ours, _ = build_ours(cfg, batch_np, dtype)
+    conn.send(ours.compile_seconds)
+    while conn.recv() is not None:
+        start = time.perf_counter()
+        ours.step()
+        conn.send(time.perf_counter() - start)
+
+
+class OursSingleThread:
+    """Our step in a child process whose XLA runs on one thread (XLA's thread count is fixed
+    when the backend starts, so it cannot change inside this process). Steps run one at a
+    time on request, so timing stays interleaved with the other sides."""
+
+    def __init__(self, cfg: BenchConfig, batch_np: dict, dtype: str):
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: XLA_FLAGS apply
+        self.conn, child_conn = context.Pipe()
+        previous = os.environ.get("XLA_FLAGS")
+        os.environ["XLA_FLAGS"] = ((previous or "") + " " + SINGLE_THREAD_XLA_FLAGS).strip()
+        try:
+            self.process = context.Process(target=_ours_worker, args=(child_conn, cfg, batch_np, dtype), daemon=True)
+            self.process.start()
+        finally:
+            if previous is None:
+                del os.environ["XLA_FLAGS"]
+            else:
+                os.environ["XLA_FLAGS"] = previous
+        self.compile_seconds = self.conn.recv()
+
+    def step(self) -> float:
+        self.conn.send(True)
+        return self.conn.recv()
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.process.join(timeout=60)
 
 
 def _with_threads(step, threads: int):
@@ -476,22 +523,35 @@ def run_config(cfg: BenchConfig, args, peak_flops: float) -> dict:
     print(f"torch FlopCounterMode: {torch_flops / 1e9:.2f} GFLOP/step (fwd+bwd matmuls/convs only)", flush=True)
 
     # One torch side per thread count; the comparison uses the fastest (see --torch-threads).
-    sides = {"ours": ours.step}
+    # One side per library and thread setting; each library is represented by its fastest.
+    sides = {"ours_xla": ours.step}
+    single = None
+    if args.ours_single_thread and machine_peak.cpu_count() > 1:
+        print("compiling our step again in a single-threaded XLA process ...", flush=True)
+        single = OursSingleThread(cfg, batch_np, args.dtype)
+        sides["ours_1t"] = single.step
     for threads in args.torch_threads:
         sides[f"torch_{threads}t"] = _with_threads(runner.step, threads)
     load_before = os.getloadavg()[0]
-    rounds = time_interleaved(sides, steps, args.chunk, args.warmup)
+    try:
+        rounds = time_interleaved(sides, steps, args.chunk, args.warmup)
+    finally:
+        if single is not None:
+            single.close()
     load_after = os.getloadavg()[0]
 
     step_seconds = {name: summarize([x for r in rs for x in r]) for name, rs in rounds.items()}
-    torch_names = [name for name in sides if name != "ours"]
-    best_torch = min(torch_names, key=lambda name: step_seconds[name]["median"])
-    ours_t, torch_t = step_seconds["ours"], step_seconds[best_torch]
+    def fastest(prefix):
+        names = [name for name in sides if name.startswith(prefix)]
+        return min(names, key=lambda name: step_seconds[name]["median"])
+
+    best_ours, best_torch = fastest("ours_"), fastest("torch_")
+    ours_t, torch_t = step_seconds[best_ours], step_seconds[best_torch]
     ours_ips = batch_size / ours_t["median"]
     torch_ips = batch_size / torch_t["median"]
     # images/s ratio ours/torch within each round = torch time / our time (medians of the chunk).
     round_ratios = [
-        statistics.median(t) / statistics.median(o) for o, t in zip(rounds["ours"], rounds[best_torch])
+        statistics.median(t) / statistics.median(o) for o, t in zip(rounds[best_ours], rounds[best_torch])
     ]
     result = {
         "config": cfg.name,
@@ -511,8 +571,8 @@ def run_config(cfg: BenchConfig, args, peak_flops: float) -> dict:
         "xla_bytes_accessed_per_step": ours.bytes_accessed,
         "torch_counted_flops_per_step": torch_flops,
         "step_seconds": step_seconds,
+        "best_ours": best_ours,
         "best_torch": best_torch,
-        "torch_threads_best": int(best_torch.split("_")[1][:-1]),
         "images_per_second_ours": ours_ips,
         "images_per_second_torch": torch_ips,
         "ratio_ours_over_torch": ours_ips / torch_ips,
@@ -530,11 +590,17 @@ def run_config(cfg: BenchConfig, args, peak_flops: float) -> dict:
             f"({batch_size / step_seconds[name]['median']:.1f} img/s)",
             flush=True,
         )
-    print(f"ours/torch ({best_torch}) {result['ratio_ours_over_torch']:.2f}", flush=True)
+    print(f"ours/torch ({best_ours} / {best_torch}) {result['ratio_ours_over_torch']:.2f}", flush=True)
     return result
 
 
 # --------------------------------------------------------------------------------- report
+
+
+def _threads(side: str) -> str:
+    """Side name -> its thread setting for display: ours_xla -> "XLA default", torch_2t -> "2"."""
+    setting = side.split("_", 1)[1]
+    return "XLA default" if setting == "xla" else setting[:-1]
 
 
 def _ms(summary: dict) -> str:
@@ -560,12 +626,13 @@ def markdown_report(machine: dict, peaks: dict, results: list[dict], args) -> st
         f"- float32 square-matmul peak measured in this run, GFLOP/s by size (best of {args.peak_repeats}): "
         "jnp.dot: " + ", ".join(f"{n}: {v / 1e9:.0f}" for n, v in peaks["jax"].items()) + "; " + torch_peaks
         + f". Peak used below = the best of all = {peak / 1e9:.0f} GFLOP/s.",
-        f"- JAX: {results[0]['jax_devices'] if results else '?'} CPU device(s), XLA's default intra-op threads; "
+        f"- JAX: {results[0]['jax_devices'] if results else '?'} CPU device(s); our step timed with XLA's default "
+        f"thread pool{' and, in a child process, with one thread' if args.ours_single_thread else ''}; "
         f"torch thread counts tried: {', '.join(str(t) for t in args.torch_threads)}",
         "",
         "## Results",
         "",
-        "| config | params (ours = torch) | batch | dtype | compile s | ours ms/step | torch ms/step (threads) "
+        "| config | params (ours = torch) | batch | dtype | compile s | ours ms/step (threads) | torch ms/step (threads) "
         "| ours img/s | torch img/s | **ours/torch** (per-round) | GFLOP/step (XLA) "
         "| ours GFLOP/s (% peak) | torch GFLOP/s (% peak) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -575,8 +642,8 @@ def markdown_report(machine: dict, peaks: dict, results: list[dict], args) -> st
         lines.append(
             f"| {r['config']} | {r['params_ours']:,} {same} {r['params_torch']:,} | {r['batch']} | {r['dtype']} "
             f"| {r['compile_seconds']:.1f} "
-            f"| {_ms(r['step_seconds']['ours'])} "
-            f"| {_ms(r['step_seconds'][r['best_torch']])} ({r['torch_threads_best']}) "
+            f"| {_ms(r['step_seconds'][r['best_ours']])} ({_threads(r['best_ours'])}) "
+            f"| {_ms(r['step_seconds'][r['best_torch']])} ({_threads(r['best_torch'])}) "
             f"| {r['images_per_second_ours']:.1f} | {r['images_per_second_torch']:.1f} "
             f"| **{r['ratio_ours_over_torch']:.2f}** ({min(r['round_ratios']):.2f}-{max(r['round_ratios']):.2f}) "
             f"| {r['xla_flops_per_step'] / 1e9:.2f} "
@@ -585,15 +652,14 @@ def markdown_report(machine: dict, peaks: dict, results: list[dict], args) -> st
         )
     lines += [
         "",
-        "Step times: median (min-max) in ms over the timed steps of each side. The torch column is the fastest "
-        "of the thread counts tried; all of them:",
+        "Step times: median (min-max) in ms over the timed steps of each side. Each library's column is its "
+        "fastest thread setting; all of them:",
         "",
     ]
     for r in results:
         variants = ", ".join(
-            f"{name.split('_')[1][:-1]} thread(s) {_ms(summary)} ms"
+            f"{name.split('_')[0]} {_threads(name)}{'' if name == 'ours_xla' else ' thread(s)'} {_ms(summary)} ms"
             for name, summary in r["step_seconds"].items()
-            if name != "ours"
         )
         lines.append(
             f"- {r['config']}: {variants}; 1-min load average {r['load_average_1min'][0]:.1f} before and "
@@ -611,7 +677,7 @@ def markdown_report(machine: dict, peaks: dict, results: list[dict], args) -> st
             f"GFLOP/step (matmuls/convs, padding included) vs XLA's {r['xla_flops_per_step'] / 1e9:.2f}. "
             f"Creating the sharded state (including compiling its init) took {r['state_init_seconds']:.1f} s."
         )
-    n_steps = results[0]["step_seconds"]["ours"]["n"] if results else "?"
+    n_steps = results[0]["step_seconds"]["ours_xla"]["n"] if results else "?"
     lines += [
         "",
         "Notes:",
@@ -622,13 +688,15 @@ def markdown_report(machine: dict, peaks: dict, results: list[dict], args) -> st
         "diffusers + foreach AdamW (no torch.compile).",
         f"- {n_steps} timed steps per side after {args.warmup} warm-up steps; our compile time is separate and "
         "excluded from step times.",
-        f"- The sides were timed interleaved ({args.chunk} steps of ours, then {args.chunk} of torch at each "
-        "thread count, repeated) because other processes share this machine's cores: load then hits all sides "
-        "in the same minutes, and the ratio is the number to read. Absolute times are noisy here; the per-round "
-        "range is the ratio within each round.",
-        "- torch is timed at several thread counts because its OpenMP thread pool degrades badly when another "
-        "process holds a core (threads wait at every op's barrier), so with 2 threads on a loaded 2-core machine "
-        "it can be several times slower than with 1. The comparison uses torch's fastest setting.",
+        f"- The sides were timed interleaved ({args.chunk} steps of each side and thread setting in turn, "
+        "repeated; one side runs at a time) because other processes share this machine's cores: load then hits "
+        "all sides in the same minutes, and the ratio is the number to read. Absolute times are noisy here; the "
+        "per-round range is the ratio within each round.",
+        "- Each library is timed at several thread counts and represented by its fastest, because a thread pool "
+        "as wide as the machine degrades badly when another process holds a core (torch's OpenMP threads wait "
+        "at every op's barrier: with 2 threads on a loaded 2-core machine it can be many times slower than "
+        "with 1). XLA's thread count is fixed at start-up, so our single-threaded variant runs the same step in "
+        "a child process (`XLA_FLAGS=" + SINGLE_THREAD_XLA_FLAGS + "`), still one side at a time.",
         "- Achieved FLOP/s in both columns = XLA's cost-analysis FLOPs of our compiled step (the same model and "
         "step) / that side's median step time. XLA counts convolution FLOPs on valid (unpadded) taps only and "
         "includes elementwise and optimizer work, so it differs a little from torch's count.",
@@ -669,6 +737,12 @@ def main(argv=None) -> None:
         type=_thread_counts,
         default="nproc,1",
         help="comma-separated torch thread counts to time ('nproc' = all cores); the fastest is compared",
+    )
+    parser.add_argument(
+        "--no-ours-single-thread",
+        dest="ours_single_thread",
+        action="store_false",
+        help="do not also time our step with a single-threaded XLA (child process, compiles again)",
     )
     parser.add_argument("--peak-sizes", type=int, nargs="+", default=list(machine_peak.DEFAULT_SIZES))
     parser.add_argument("--peak-repeats", type=int, default=5)
