@@ -260,13 +260,9 @@ def run(args) -> int:
         name: {"path": os.path.abspath(getattr(args, name)), "sha256": _file_sha256(getattr(args, name))}
         for name in images_in
     }
-    if writer:
-        os.makedirs(args.out, exist_ok=True)
-    outputs = []
-    batches = [jobs[i : i + args.batch_size] for i in range(0, len(jobs), args.batch_size)]
-    for batch in tqdm(batches, desc="sampling", unit="batch", file=sys.stderr, disable=not writer):
+    def call_arguments(batch):
         conditions = [value for value, _ in batch]
-        images = pipe(
+        return dict(
             prompts=conditions if kind == "prompt" else None,
             class_labels=conditions if kind == "class" else None,
             num_images=len(batch),
@@ -284,6 +280,14 @@ def run(args) -> int:
             pad_batch_to=args.batch_size,
             **images_in,
         )
+
+    batches = [jobs[i : i + args.batch_size] for i in range(0, len(jobs), args.batch_size)]
+    pipe.validate(**call_arguments(batches[0]))  # argument errors before any output or progress bar
+    outputs = []
+    for batch in tqdm(batches, desc="sampling", unit="batch", file=sys.stderr, disable=not writer):
+        images = pipe(**call_arguments(batch))
+        if writer:
+            os.makedirs(args.out, exist_ok=True)
         for (value, index), image in zip(batch, images):
             outputs.append(image)
             if not writer:

@@ -59,12 +59,14 @@ UNET = dict(
     norm_num_groups=8,
     cross_attention_dim=32,
     attention_head_dim=4,
+    mid_block_type=None,  # fewer ops to compile; the mid block is covered by the U-Net tests
 )
 VAE = dict(
     block_out_channels=(8, 16),
     layers_per_block=1,
     latent_channels=4,
     norm_num_groups=8,
+    mid_block_add_attention=False,
     down_block_types=("DownEncoderBlock2D",) * 2,
     up_block_types=("UpDecoderBlock2D",) * 2,
 )
@@ -91,7 +93,7 @@ def _torch_sd(tmp, in_channels: int, cls):
     tokenizer = _clip_tokenizer(os.path.join(tmp, "vocab"))
     text = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
             num_attention_heads=4, max_position_embeddings=16, bos_token_id=len(tokenizer) - 2,
             eos_token_id=len(tokenizer) - 1, pad_token_id=len(tokenizer) - 1,
         )
@@ -130,30 +132,35 @@ def _images(n, seed=2):
     return np.random.default_rng(seed).uniform(size=(n, SIZE, SIZE, 3)).astype(np.float32)
 
 
-@pytest.mark.parametrize("guidance_rescale", [0.0, 0.7])
-def test_text_to_image_matches_diffusers_pipeline_ddim_cfg(sd, guidance_rescale):
+def test_text_to_image_matches_diffusers_pipeline_ddim_cfg(sd):
     folder, torch_pipe, pipe = sd
-    x_T = _noise(2)
-    with torch.no_grad():
-        ref = torch_pipe(
-            PROMPTS[:2], negative_prompt=["", "red"], height=SIZE, width=SIZE, num_inference_steps=STEPS,
-            guidance_scale=7.5, guidance_rescale=guidance_rescale, latents=_nchw(x_T), output_type="np",
-        ).images
-    ours = pipe(
-        PROMPTS[:2], negative_prompt=["", "red"], num_steps=STEPS, guidance_scale=7.5,
-        guidance_rescale=guidance_rescale, latents=x_T, output_type="float",
-    )
-    assert ours.shape == ref.shape == (2, SIZE, SIZE, 3)
-    err = np.abs(ours - ref).max()
-    print(f"max |ours - diffusers| (rescale {guidance_rescale}): {err:.2e}")
-    assert err < 2e-5
-    assert np.abs(ref[0] - ref[1]).max() > 1e-2  # the prompts matter, so the comparison is not vacuous
+    seed = 7
+    # diffusers starts from the initial noise our pipeline draws for images 0..3 of this seed.
+    x_T = np.asarray(initial_noise(jax.random.PRNGKey(seed), (4, *LATENT)))
+    negatives = ["", "red", "", "cat"]
+    # Guidance rescale is a traced argument: both runs use one compiled program.
+    for guidance_rescale in (0.0, 0.7):
+        with torch.no_grad():
+            ref = torch_pipe(
+                PROMPTS[:4], negative_prompt=negatives, height=SIZE, width=SIZE, num_inference_steps=STEPS,
+                guidance_scale=7.5, guidance_rescale=guidance_rescale, latents=_nchw(x_T), output_type="np",
+            ).images
+        ours = pipe(
+            PROMPTS[:4], negative_prompt=negatives, num_steps=STEPS, guidance_scale=7.5,
+            guidance_rescale=guidance_rescale, seed=seed, output_type="float",
+        )
+        assert ours.shape == ref.shape == (4, SIZE, SIZE, 3)
+        err = np.abs(ours - ref).max()
+        print(f"max |ours - diffusers| (rescale {guidance_rescale}): {err:.2e}")
+        assert err < 2e-5
+        assert np.abs(ref[0] - ref[1]).max() > 1e-2  # the prompts matter, so the comparison is not vacuous
 
 
 def test_same_seed_bit_identical_across_batch_sizes_and_device_counts(sd):
     _, _, pipe = sd
     pipe8 = pipe.with_devices(jax.devices()[:8])
     assert pipe8.num_devices == 8
+    # The batch-of-4 program is the one the diffusers comparison compiled.
     kw = dict(num_steps=STEPS, guidance_scale=5.0, seed=7, return_latents=True)
     one, one_lat = pipe(PROMPTS[2], image_indices=[2], **kw)
     four, four_lat = pipe(PROMPTS[:4], **kw)
@@ -182,7 +189,7 @@ def test_img2img_strength_zero_returns_torch_autoencoder_reconstruction(sd):
 
 def test_img2img_matches_diffusers_img2img_pipeline(sd, monkeypatch):
     folder, torch_pipe, pipe = sd
-    init, strength, seed = _images(2), 0.7, 5
+    init, strength, seed = _images(2), 0.75, 5  # 3 of 4 DDIM steps
     noise = np.asarray(initial_noise(jax.random.PRNGKey(seed), (2, *LATENT)))
     # diffusers draws the forward noise with torch and samples the posterior: feed it our
     # per-image noise and take the posterior mode on both sides.
@@ -191,9 +198,9 @@ def test_img2img_matches_diffusers_img2img_pipeline(sd, monkeypatch):
     img2img = StableDiffusionImg2ImgPipeline(**torch_pipe.components)
     img2img.set_progress_bar_config(disable=True)
     with torch.no_grad():
-        ref = img2img(PROMPTS[:2], image=init, strength=strength, num_inference_steps=10, guidance_scale=6.0,
+        ref = img2img(PROMPTS[:2], image=init, strength=strength, num_inference_steps=4, guidance_scale=6.0,
                       output_type="np").images
-    ours = pipe(PROMPTS[:2], init_image=init, strength=strength, num_steps=10, guidance_scale=6.0, seed=seed,
+    ours = pipe(PROMPTS[:2], init_image=init, strength=strength, num_steps=4, guidance_scale=6.0, seed=seed,
                 encode_mode="mean", output_type="float")
     err = np.abs(ours - ref).max()
     print(f"img2img max |ours - diffusers|: {err:.2e}")
@@ -282,13 +289,18 @@ def _torch_ddim_cfg(unet, x_T, labels, null, extra, scale, steps):
 def test_class_conditional_low_res_guidance_matches_torch_ddim_loop(pixel):
     torch_unet, pipe = pixel
     x_T, low_res = _noise(2, (SIZE, SIZE, 3)), _images(2, seed=4)
-    ours = pipe(class_labels=[0, 2], low_res=low_res, latents=x_T, num_steps=STEPS, guidance_scale=4.0, output_type="float")
+    images, final = pipe(class_labels=[0, 2], low_res=low_res, latents=x_T, num_steps=STEPS, guidance_scale=4.0,
+                         output_type="float", return_latents=True)
     with torch.no_grad():
         ref = _torch_ddim_cfg(torch_unet, _nchw(x_T), torch.tensor([0, 2]), 3, _nchw(2 * low_res - 1), 4.0, STEPS)
-    ref = (ref / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
-    err = np.abs(ours - ref).max()
-    print(f"class + low-res max |ours - torch loop|: {err:.2e}")
-    assert err < 2e-5
+    ref = ref.permute(0, 2, 3, 1).numpy()
+    # Pixel-space samples of a random model are large (x0 = (x - b eps) / a amplifies eps): compare
+    # relative to their scale.
+    err = np.abs(final - ref).max() / np.abs(ref).max()
+    print(f"class + low-res max |ours - torch loop| / max |torch|: {err:.2e} (max |torch| {np.abs(ref).max():.1f})")
+    assert err < 2e-6
+    np.testing.assert_allclose(images, np.clip((ref + 1) / 2, 0, 1), atol=1e-4)
+    assert np.abs(ref[0] - ref[1]).max() > 0.1
 
 
 def test_pixel_space_inpainting_keeps_unmasked_pixels_exactly(pixel):

@@ -29,7 +29,7 @@ import dataclasses
 import hashlib
 import math
 import os
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
@@ -74,10 +74,23 @@ class _Program:
     options: tuple  # sorted (name, value) sampler options
     strength: float | None
     use_cfg: bool
-    rescale: bool
     encode_noise: bool
     jumps: tuple[int, int]
     batch_invariant: bool
+
+
+class _Request(NamedTuple):
+    """A validated generation request: the static program and the host-side inputs."""
+
+    program: _Program
+    inputs: dict
+    num_images: int
+    seed: int
+    guidance_scale: float
+    guidance_rescale: float
+    pad_batch_to: int | None
+    output_type: str
+    return_latents: bool
 
 
 def schedule_config_of(schedule: dict | Schedule) -> dict:
@@ -379,34 +392,7 @@ class LatentDiffusionPipeline:
 
     # ------------------------------------------------------------------ generation
 
-    def __call__(
-        self,
-        prompts: str | Sequence[str] | None = None,
-        *,
-        class_labels: int | Sequence[int] | None = None,
-        num_images: int | None = None,
-        negative_prompt: str | Sequence[str] | None = None,
-        sampler: str = "ddim",
-        num_steps: int = 50,
-        guidance_scale: float = 7.5,
-        guidance_rescale: float = 0.0,
-        eta: float = 0.0,
-        seed: int = 0,
-        image_indices: Sequence[int] | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        init_image=None,
-        strength: float | None = None,
-        mask=None,
-        low_res=None,
-        latents=None,
-        encode_mode: str = "sample",
-        inpaint_jumps: tuple[int, int] = (1, 1),
-        output_type: str = "uint8",
-        return_latents: bool = False,
-        pad_batch_to: int | None = None,
-        **sampler_options,
-    ):
+    def __call__(self, prompts: str | Sequence[str] | None = None, **kwargs):
         """Generate ``num_images`` images.
 
         Args:
@@ -419,7 +405,7 @@ class LatentDiffusionPipeline:
             the model's ``sampler_defaults``.
           guidance_scale: classifier-free guidance w (diffusers' convention; 1 = conditional
             model only, no unconditional branch). Ignored for unconditional models. Traced.
-          guidance_rescale: Lin et al. 2023's phi (0 = off). Traced when non-zero.
+          guidance_rescale: Lin et al. 2023's phi (0 = off). Traced.
           seed: in [0, 2^32). Traced.
           image_indices: [N] ints naming each image's noise streams (default 0..N-1): image
             ``(seed, index)`` is the same in any batch; pass ``[i]`` to regenerate image i.
@@ -447,6 +433,46 @@ class LatentDiffusionPipeline:
 
         Returns: images [N, H, W, C] (and latents if ``return_latents``).
         """
+        request = self._prepare(prompts, **kwargs)
+        images, final = self._run(request)
+        if request.output_type == "uint8":
+            images = np.round(images * 255.0).astype(np.uint8)
+        return (images, final) if request.return_latents else images
+
+    def validate(self, prompts: str | Sequence[str] | None = None, **kwargs) -> None:
+        """Check the arguments of a :meth:`__call__` without generating: raises the ValueError
+        the call would raise (e.g. before starting a progress bar)."""
+        self._prepare(prompts, **kwargs)
+
+    def _prepare(
+        self,
+        prompts: str | Sequence[str] | None = None,
+        *,
+        class_labels: int | Sequence[int] | None = None,
+        num_images: int | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        sampler: str = "ddim",
+        num_steps: int = 50,
+        guidance_scale: float = 7.5,
+        guidance_rescale: float = 0.0,
+        eta: float = 0.0,
+        seed: int = 0,
+        image_indices: Sequence[int] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        init_image=None,
+        strength: float | None = None,
+        mask=None,
+        low_res=None,
+        latents=None,
+        encode_mode: str = "sample",
+        inpaint_jumps: tuple[int, int] = (1, 1),
+        output_type: str = "uint8",
+        return_latents: bool = False,
+        pad_batch_to: int | None = None,
+        **sampler_options,
+    ) -> _Request:
+        """Validate the arguments of :meth:`__call__` and build the host-side request."""
         fs = self.first_stage
         conditions, n = self._conditions(prompts, class_labels, num_images)
         if output_type not in OUTPUT_TYPES:
@@ -463,6 +489,10 @@ class LatentDiffusionPipeline:
                 raise ValueError(f"image_indices must be {n} integers, got {image_indices!r}")
             if indices.size and (indices.min() < 0 or indices.max() >= 2**31):
                 raise ValueError(f"image_indices must lie in [0, 2**31), got range [{indices.min()}, {indices.max()}]")
+        if pad_batch_to is not None and (
+            isinstance(pad_batch_to, bool) or not isinstance(pad_batch_to, (int, np.integer)) or pad_batch_to < 1
+        ):
+            raise ValueError(f"pad_batch_to must be a positive integer or None, got {pad_batch_to!r}")
         for name, value in (("guidance_scale", guidance_scale), ("guidance_rescale", guidance_rescale)):
             if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -528,15 +558,14 @@ class LatentDiffusionPipeline:
             options=options,
             strength=strength,
             use_cfg=use_cfg,
-            rescale=use_cfg and float(guidance_rescale) != 0.0,
             encode_noise=encode_mode == "sample" and fs.kind == "kl",
             jumps=(int(jump_length), int(jump_n_sample)),
             batch_invariant=self.batch_invariant,
         )
-        images, final = self._run(program, inputs, n, seed, guidance_scale, guidance_rescale, pad_batch_to)
-        if output_type == "uint8":
-            images = np.round(images * 255.0).astype(np.uint8)
-        return (images, final) if return_latents else images
+        return _Request(
+            program, inputs, n, seed, float(guidance_scale), float(guidance_rescale), pad_batch_to, output_type,
+            bool(return_latents),
+        )
 
     def _conditions(self, prompts, class_labels, num_images):
         """(per-image conditions or None, number of images)."""
@@ -616,9 +645,10 @@ class LatentDiffusionPipeline:
 
     # ------------------------------------------------------------------ execution
 
-    def _run(self, program: _Program, inputs: dict, n: int, seed, guidance_scale, guidance_rescale, pad_batch_to):
+    def _run(self, request: _Request):
         """Pad to the device count, place, run the jitted program, trim."""
-        size = max(n, int(pad_batch_to or 0))
+        inputs, n = request.inputs, request.num_images
+        size = max(n, int(request.pad_batch_to or 0))
         size = -(-size // self.num_devices) * self.num_devices
         if size > n:
             # Padding rows repeat the last image (their outputs are dropped).
@@ -628,13 +658,13 @@ class LatentDiffusionPipeline:
             self._placed_params = self._place(self.params, self._replicated)
             self._placed_schedule = self._place(self.schedule, self._replicated)
         images, latents = self._jitted(
-            program,
+            request.program,
             self._placed_params,
             self._placed_schedule,
             inputs,
-            np.uint32(seed),
-            np.float32(guidance_scale),
-            np.float32(guidance_rescale),
+            np.uint32(request.seed),
+            np.float32(request.guidance_scale),
+            np.float32(request.guidance_rescale),
         )
         return np.asarray(images)[:n], np.asarray(latents)[:n]
 
@@ -724,7 +754,7 @@ class LatentDiffusionPipeline:
                 cond,
                 uncond,
                 guidance_scale,
-                guidance_rescale if program.rescale else 0.0,
+                guidance_rescale,
                 guided_channels=latent_shape[-1] if self.learned_variance else None,
             )
         else:
