@@ -74,6 +74,7 @@ def get_config(arg: str | None = None):
         c.unet.layers_per_block = 1
         c.unet.down_block_types = ("DownBlock2D", "CrossAttnDownBlock2D")
         c.unet.up_block_types = ("CrossAttnUpBlock2D", "UpBlock2D")
+        c.unet.mid_block_type = "UNetMidBlock2D"
         c.unet.norm_num_groups = 8
         c.unet.attention_head_dim = 2
         c.conditioning.text_max_length = 16
