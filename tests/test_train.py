@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -446,3 +447,88 @@ def test_sd15_config_shapes_and_fsdp_sharding_on_8_devices(capsys):
               f"{replicated:,} replicated; per device: params {params_mb:.1f} MB, AdamW {opt_mb:.1f} MB, "
               f"EMA {params_mb:.1f} MB (total {2 * params_mb + opt_mb:.1f} MB vs "
               f"{total * 16 / 2**20:.1f} MB unsharded)")
+
+
+# ----------------------------------------------------------------------------- frozen diffusers VAE + CLIP
+
+
+def _tiny_sd_folder(root):
+    """A random-weight diffusers AutoencoderKL + transformers CLIPTextModel + tokenizer, saved
+    in the Stable Diffusion folder layout (vae/, text_encoder/, tokenizer/)."""
+    import torch
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTokenizer as HFCLIPTokenizer
+
+    torch.manual_seed(0)
+    chars = [chr(b) for b in range(33, 127)]
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab_dir = os.path.join(root, "vocab")
+    os.makedirs(vocab_dir)
+    with open(os.path.join(vocab_dir, "vocab.json"), "w") as f:
+        json.dump({t: i for i, t in enumerate(tokens)}, f)
+    with open(os.path.join(vocab_dir, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    tokenizer = HFCLIPTokenizer(os.path.join(vocab_dir, "vocab.json"), os.path.join(vocab_dir, "merges.txt"),
+                                model_max_length=16)
+    n = len(tokenizer)
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        max_position_embeddings=16, bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=n - 1,
+    )).eval()
+    vae = AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2).eval()
+    folder = os.path.join(root, "sd")
+    vae.save_pretrained(os.path.join(folder, "vae"))
+    text.save_pretrained(os.path.join(folder, "text_encoder"))
+    tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+    for name in ("vocab.json", "merges.txt"):  # the files of SD's tokenizer/ (transformers 5 writes tokenizer.json)
+        shutil.copy(os.path.join(vocab_dir, name), os.path.join(folder, "tokenizer", name))
+    return folder, vae, text, tokenizer
+
+
+def test_frozen_diffusers_vae_and_clip_prepare_batches_like_the_torch_models(tmp_path):
+    """prepare_batch (jitted, frozen params as arguments) gives scale * posterior mean of the
+    diffusers VAE and, per example, either CLIP(caption) or CLIP("") (condition dropout),
+    checked against the torch models."""
+    import torch
+
+    from ldm_jax.data import DataLoader, build_dataset, dataset_stats
+    from ldm_jax.training import mesh as mesh_lib
+    from ldm_jax.training.loop import compile_prepare_batch, place_frozen
+    from ldm_jax.training.tasks import diffusion
+
+    folder, vae, text, tokenizer = _tiny_sd_folder(str(tmp_path))
+    config = _quiet(shapes_ldm.get_config("runlocal"))
+    config.first_stage.update(source="diffusers", path=folder, sample_posterior=False, scale_factor=-1.0)
+    config.conditioning.update(kind="clip", clip_path=folder, drop_prob=0.5)
+    config.unet.cross_attention_dim = 0  # take CLIP's width (32)
+    config.workdir = str(tmp_path / "run")
+    source = build_dataset(config.data)
+    stage = diffusion.build_stage(config, dataset_stats(source), source=source)
+    model = stage.model
+    assert model.unet.cross_attention_dim == 32 and model.latent_shape == (8, 8, 4)
+
+    host = DataLoader(source, 8).get_batch(0)
+    batch = stage.host_batch(host)
+    mesh = mesh_lib.make_mesh({"shape": {"data": -1}})
+    frozen, shardings = place_frozen(stage.task.frozen_params, mesh, ())
+    prepared = jax.device_get(compile_prepare_batch(stage.task, shardings, mesh)(frozen, batch, jax.random.key(3)))
+
+    scale = stage.metadata["scale_factor"]
+    with torch.no_grad():
+        images = torch.from_numpy(np.ascontiguousarray(host["image"].transpose(0, 3, 1, 2)))
+        mean = vae.encode(images).latent_dist.mean.numpy().transpose(0, 2, 3, 1)
+        ids = tokenizer(host["caption"], padding="max_length", max_length=16, truncation=True, return_tensors="pt")
+        with_caption = text(ids.input_ids).last_hidden_state.numpy()
+        empty = tokenizer([""], padding="max_length", max_length=16, return_tensors="pt")
+        without = text(empty.input_ids).last_hidden_state.numpy()[0]
+    # float32 convolutions of XLA vs torch: relative error ~1e-4 (as in tests/test_autoencoder.py)
+    np.testing.assert_allclose(prepared["latents"], scale * mean, rtol=0, atol=3e-4 * scale * np.abs(mean).max())
+    tol = 1e-4 * np.abs(with_caption).max()
+    dropped = [np.allclose(c, without, rtol=0, atol=tol) for c in prepared["context"]]
+    kept = [np.allclose(c, w, rtol=0, atol=tol) for c, w in zip(prepared["context"], with_caption)]
+    assert all(d or k for d, k in zip(dropped, kept)) and any(dropped) and any(kept)
+    loss = jax.eval_shape(stage.task.loss_fn, nn.unbox(jax.eval_shape(model.init_params, jax.random.key(0))),
+                          prepared, jax.random.key(0))
+    assert loss[0].shape == ()
