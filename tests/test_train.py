@@ -386,7 +386,8 @@ def test_command_line_bad_config_prints_one_line_and_exits_nonzero(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
     env.pop("XLA_FLAGS", None)
     command = [
-        sys.executable, os.path.join(ROOT, "train.py"), "--config", os.path.join(ROOT, "configs", "digits_ldm.py:runlocal"),
+        sys.executable, os.path.join(ROOT, "train.py"),
+        "--config", os.path.join(ROOT, "configs", "digits_ldm.py:runlocal"),
         "--workdir", str(tmp_path), "--config.data.name=nope", "--config.first_stage.source=identity",
     ]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)

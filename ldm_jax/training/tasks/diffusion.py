@@ -564,7 +564,8 @@ class DiffusionModel:
         c = self.conditioning
         if c.trainable_key == "text_encoder":
             tokens = c.tokenizer([""])
-            params["text_encoder"] = c.encoder.init(cond_key, jnp.asarray(tokens.ids), jnp.asarray(tokens.mask))["params"]
+            ids, mask = jnp.asarray(tokens.ids), jnp.asarray(tokens.mask)
+            params["text_encoder"] = c.encoder.init(cond_key, ids, mask)["params"]
         elif c.trainable_key == "class_embedder":
             params["class_embedder"] = c.encoder.init(cond_key, jnp.zeros((1,), jnp.int32), as_context=True)["params"]
         return params
@@ -828,7 +829,9 @@ def _cache_key(config: Any, model: DiffusionModel, num_examples: int) -> dict:
     }
 
 
-def build_latent_cache(config: Any, model: DiffusionModel, source: Any, encoder: _Encoder, directory: str) -> LatentCacheSource:
+def build_latent_cache(
+    config: Any, model: DiffusionModel, source: Any, encoder: _Encoder, directory: str
+) -> LatentCacheSource:
     """Encode ``source`` once (in index order, global batches over all processes) into
     ``directory`` and return the cached source; an existing complete cache for the same data
     and first stage is reused."""
@@ -1053,7 +1056,9 @@ def build_stage(config: Any, data_stats: Any, source: Any = None) -> DiffusionSt
                 shuffle=bool(_data_dict(config).get("shuffle", True)),
             )
             if data_source is not None:
-                cached = DataLoader(data_source, placement.global_batch, seed=loader.sampler.seed, shuffle=loader.sampler.shuffle)
+                cached = DataLoader(
+                    data_source, placement.global_batch, seed=loader.sampler.seed, shuffle=loader.sampler.shuffle
+                )
 
                 def batches(i):
                     return placement.batch(cached.get_batch(i)["raw"])
