@@ -112,7 +112,7 @@ def demo_config() -> BenchConfig:
         raise ValueError("configs/digits_ldm.py now has cross-attention blocks; update demo_config()")
     return BenchConfig(
         name="small",
-        description="the demo's class-conditional U-Net (configs/digits_ldm.py), 8x8x4 latents",
+        description="the demo's class-conditional U-Net (configs/digits_ldm.py)",
         unet=dict(
             sample_size=latent_size,
             in_channels=ae.autoencoder.latent_channels,
@@ -140,7 +140,7 @@ CONFIGS = {
     # CLIP-length context.
     "large": lambda: BenchConfig(
         name="large",
-        description="SD-style cross-attention U-Net, 32x32x4 latents, 77x512 context",
+        description="SD-style cross-attention U-Net",
         unet=dict(
             sample_size=32,
             block_out_channels=(128, 256, 256),
@@ -614,7 +614,7 @@ def markdown_report(machine: dict, peaks: dict, results: list[dict], args) -> st
         + ", ".join(f"{n}: {v / 1e9:.0f}" for n, v in by_size.items())
         for threads, by_size in peaks["torch"].items()
     )
-    command = " ".join(sys.argv[1:]) if args.command_line is None else args.command_line
+    command = args.command_line
     lines = [
         "# Train-step benchmark: ldm_jax vs diffusers + torch AdamW",
         "",
@@ -625,14 +625,16 @@ def markdown_report(machine: dict, peaks: dict, results: list[dict], args) -> st
         machine_peak.describe_markdown(machine),
         f"- float32 square-matmul peak measured in this run, GFLOP/s by size (best of {args.peak_repeats}): "
         "jnp.dot: " + ", ".join(f"{n}: {v / 1e9:.0f}" for n, v in peaks["jax"].items()) + "; " + torch_peaks
-        + f". Peak used below = the best of all = {peak / 1e9:.0f} GFLOP/s.",
+        + f". Peak used below = the best of all = {peak / 1e9:.0f} GFLOP/s (measured under the same load as "
+        "the steps, so it is below what an idle machine reaches).",
         f"- JAX: {results[0]['jax_devices'] if results else '?'} CPU device(s); our step timed with XLA's default "
         f"thread pool{' and, in a child process, with one thread' if args.ours_single_thread else ''}; "
         f"torch thread counts tried: {', '.join(str(t) for t in args.torch_threads)}",
         "",
         "## Results",
         "",
-        "| config | params (ours = torch) | batch | dtype | compile s | ours ms/step (threads) | torch ms/step (threads) "
+        "| config | params (ours = torch) | batch | dtype | compile s | ours ms/step (threads) "
+        "| torch ms/step (threads) "
         "| ours img/s | torch img/s | **ours/torch** (per-round) | GFLOP/step (XLA) "
         "| ours GFLOP/s (% peak) | torch GFLOP/s (% peak) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -662,8 +664,8 @@ def markdown_report(machine: dict, peaks: dict, results: list[dict], args) -> st
             for name, summary in r["step_seconds"].items()
         )
         lines.append(
-            f"- {r['config']}: {variants}; 1-min load average {r['load_average_1min'][0]:.1f} before and "
-            f"{r['load_average_1min'][1]:.1f} after timing"
+            f"- {r['config']} ({r['step_seconds']['ours_xla']['n']} timed steps per side): {variants}; "
+            f"1-min load average {r['load_average_1min'][0]:.1f} before and {r['load_average_1min'][1]:.1f} after"
         )
     lines += ["", "Configs:", ""]
     for r in results:
@@ -677,7 +679,6 @@ def markdown_report(machine: dict, peaks: dict, results: list[dict], args) -> st
             f"GFLOP/step (matmuls/convs, padding included) vs XLA's {r['xla_flops_per_step'] / 1e9:.2f}. "
             f"Creating the sharded state (including compiling its init) took {r['state_init_seconds']:.1f} s."
         )
-    n_steps = results[0]["step_seconds"]["ours_xla"]["n"] if results else "?"
     lines += [
         "",
         "Notes:",
@@ -686,8 +687,8 @@ def markdown_report(machine: dict, peaks: dict, results: list[dict], args) -> st
         "global-norm clip at 1, AdamW (lr 1e-4, weight decay 1e-2), EMA update. Ours is one jitted XLA program "
         "(ldm_jax.training: donated state, explicit shardings, non-finite guard); torch is eager "
         "diffusers + foreach AdamW (no torch.compile).",
-        f"- {n_steps} timed steps per side after {args.warmup} warm-up steps; our compile time is separate and "
-        "excluded from step times.",
+        f"- Timed steps come after {args.warmup} untimed warm-up step(s) per side; our compile time is separate "
+        "and excluded from step times.",
         f"- The sides were timed interleaved ({args.chunk} steps of each side and thread setting in turn, "
         "repeated; one side runs at a time) because other processes share this machine's cores: load then hits "
         "all sides in the same minutes, and the ratio is the number to read. Absolute times are noisy here; the "
@@ -704,10 +705,31 @@ def markdown_report(machine: dict, peaks: dict, results: list[dict], args) -> st
     if args.dtype == "bfloat16":
         lines.append(
             "- bfloat16: our U-Net computes in bf16 (params, optimizer state, norms, softmax and loss in float32); "
-            "torch runs under torch.autocast('cpu', bfloat16). On CPU bf16 is often slower than float32 "
-            "(conversions, few native bf16 kernels); the peak above is float32."
+            "torch runs under torch.autocast('cpu', bfloat16). CPUs without native bf16 instructions run it "
+            "slower than float32 (conversions); check the SIMD flags above for avx512_bf16 / amx_bf16. The peak "
+            "above is float32."
         )
     return "\n".join(lines) + "\n"
+
+
+def render_json(path: str) -> None:
+    """Rewrite ``<path without .json>.md`` from a JSON file this script wrote."""
+    with open(path) as f:
+        saved = json.load(f)
+    # JSON turned the int keys (matrix sizes, thread counts) into strings.
+    peaks = saved["matmul_peak_flops"]
+    peaks = {
+        "jax": {int(n): v for n, v in peaks["jax"].items()},
+        "torch": {int(t): {int(n): v for n, v in by_size.items()} for t, by_size in peaks["torch"].items()},
+        "machine_peak": peaks["machine_peak"],
+    }
+    args = argparse.Namespace(**saved["args"])
+    report = markdown_report(saved["machine"], peaks, saved["results"], args)
+    out = path[: -len(".json")] if path.endswith(".json") else path
+    with open(out + ".md", "w") as f:
+        f.write(report)
+    print(report)
+    print(f"wrote {out}.md")
 
 
 def _thread_counts(text: str) -> list[int]:
@@ -750,8 +772,14 @@ def main(argv=None) -> None:
     parser.add_argument(
         "--out", default=os.path.join(RESULTS_DIR, "train_step"), help="output path without extension (.md and .json)"
     )
+    parser.add_argument(
+        "--render", metavar="JSON", help="only rewrite the markdown report of an earlier run's JSON file (no timing)"
+    )
     args = parser.parse_args(argv)
-    args.command_line = None if argv is None else " ".join(argv)
+    args.command_line = " ".join(sys.argv[1:] if argv is None else argv)
+    if args.render:
+        render_json(args.render)
+        return
     for name in ("steps", "batch", "chunk", "peak_repeats"):
         value = getattr(args, name)
         if value is not None and value < 1:

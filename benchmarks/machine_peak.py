@@ -90,7 +90,8 @@ def describe_markdown(machine: dict) -> str:
             f"- CPU: {machine['cpu_model']}, {machine['nproc']} cores available (nproc); SIMD: {flags}",
             f"- python {machine['python']}, jax {machine['jax']} (jaxlib {machine['jaxlib']}), flax {machine['flax']}, "
             f"optax {machine['optax']}, torch {machine['torch']}, diffusers {machine['diffusers']}",
-            f"- 1-min load average when the run started: {machine['load_average_1min']}",
+            f"- 1-min load average when the run started: {machine['load_average_1min']:.1f} "
+            f"(processes wanting a core; above {machine['nproc']} the cores are shared)",
         ]
     )
 
