@@ -44,11 +44,12 @@ def get_config(arg: str | None = None):
     c.ema.decay = 0.999
 
     c.train.global_batch_size = 32
-    c.train.num_steps = 600
+    c.train.num_steps = 300
     c.train.log_every = 50
     c.checkpoint.every_steps = 300
     c.preview.every_steps = 300
     c.preview.num_images = 16
+    c.preview.columns = 4  # each preview image is an (original | reconstruction) pair
 
     if local:
         c.autoencoder.block_out_channels = (8, 16)
@@ -62,4 +63,5 @@ def get_config(arg: str | None = None):
         c.checkpoint.every_steps = 10
         c.preview.every_steps = 10
         c.preview.num_images = 4
+        c.preview.columns = 2
     return c

@@ -172,12 +172,25 @@ def _merged(defaults: ml_collections.ConfigDict, section: Any, name: str) -> ml_
     return out
 
 
+def autoencoder_config(section: Any) -> ml_collections.ConfigDict:
+    """``config.autoencoder`` completed with :func:`autoencoder_defaults` (unknown keys raise)."""
+    return _merged(autoencoder_defaults(), section, "autoencoder")
+
+
+def loss_config(section: Any) -> ml_collections.ConfigDict:
+    """``config.loss`` completed with :func:`loss_defaults` (unknown keys raise)."""
+    return _merged(loss_defaults(), section, "loss")
+
+
 def gan_enabled(loss_config: Any) -> bool:
     """Whether the stage has a discriminator at all."""
     return float(loss_config.disc_weight) > 0 and float(loss_config.disc_factor) > 0
 
 
-def _model(ae: ml_collections.ConfigDict, channels: int):
+def build_autoencoder(ae: ml_collections.ConfigDict, channels: int):
+    """The ``AutoencoderKL`` / ``VQModel`` of a completed ``config.autoencoder`` section for
+    ``channels``-channel images (``scale_factor`` is the placeholder 1.0). Raises ValueError
+    for unknown kinds/dtypes, widths not divisible by the group count, ``vq_use_ema=True``."""
     kind = ae.kind
     if kind not in KINDS:
         raise ValueError(f"unknown config.autoencoder.kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -214,6 +227,10 @@ def _model(ae: ml_collections.ConfigDict, channels: int):
         legacy_beta=False,
         **common,
     )
+
+
+# Older private names (ldm_jax.training.workdir uses them).
+_model = build_autoencoder
 
 
 def _loss_config(loss: ml_collections.ConfigDict, kind: str, perceptual_on: bool) -> losses.FirstStageLossConfig:
@@ -379,16 +396,16 @@ class AutoencoderStageParts:
 
 def build_parts(config: Any, channels: int, resolution: int) -> AutoencoderStageParts:
     """The stage's modules and loss settings from ``config.autoencoder`` / ``config.loss``."""
-    ae = _merged(autoencoder_defaults(), config.get("autoencoder"), "autoencoder")
-    loss = _merged(loss_defaults(), config.get("loss"), "loss")
-    model = _model(ae, channels)
+    ae = autoencoder_config(config.get("autoencoder"))
+    loss = loss_config(config.get("loss"))
+    model = build_autoencoder(ae, channels)
     if resolution % model.downsample_factor:
         raise ValueError(
             f"data resolution {resolution} is not divisible by the autoencoder's downsampling factor "
             f"{model.downsample_factor} (block_out_channels={tuple(ae.block_out_channels)})"
         )
     lpips_params = _load_lpips(loss, channels)
-    loss_config = _loss_config(loss, ae.kind, perceptual_on=lpips_params is not None)
+    first_stage_loss = _loss_config(loss, ae.kind, perceptual_on=lpips_params is not None)
     discriminator = None
     if gan_enabled(loss):
         discriminator = NLayerDiscriminator(
@@ -399,7 +416,8 @@ def build_parts(config: Any, channels: int, resolution: int) -> AutoencoderStage
             dtype=DTYPES[ae.dtype],
         )
         # fail at start-up, not inside the first jitted step
-        jax.eval_shape(discriminator.init, jax.random.key(0), jax.ShapeDtypeStruct((1, resolution, resolution, channels), jnp.float32))
+        image = jax.ShapeDtypeStruct((1, resolution, resolution, channels), jnp.float32)
+        jax.eval_shape(discriminator.init, jax.random.key(0), image)
         log.info(
             "autoencoder stage: PatchGAN discriminator (%d layers, %d channels, %s loss) from step %d",
             loss.disc_layers, loss.disc_channels, loss.disc_loss, loss.disc_start,
@@ -409,7 +427,7 @@ def build_parts(config: Any, channels: int, resolution: int) -> AutoencoderStage
     return AutoencoderStageParts(
         model=model,
         discriminator=discriminator,
-        loss_config=loss_config,
+        loss_config=first_stage_loss,
         lpips_params=lpips_params,
         logvar_init=float(loss.logvar_init),
         resolution=int(resolution),
