@@ -140,8 +140,8 @@ def load_first_stage_from_workdir(
     ema, step = restore_ema_params(workdir, step)
     params = ema["autoencoder"]
     channels = int(np.shape(params["encoder"]["conv_in"]["kernel"])[2])
-    ae_config = ae_stage._merged(ae_stage.autoencoder_defaults(), config.get("autoencoder"), "autoencoder")
-    module = ae_stage._model(ae_config, channels).clone(dtype=dtype)
+    module = ae_stage.build_autoencoder(ae_stage.autoencoder_config(config.get("autoencoder")), channels)
+    module = module.clone(dtype=dtype)
     resolution = int(config.get("data", {}).get("resolution", 8 * module.downsample_factor))
     image = jax.ShapeDtypeStruct((1, resolution, resolution, channels), jnp.float32)
     abstract = jax.eval_shape(module.init, jax.random.key(0), image)
