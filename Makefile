@@ -25,7 +25,8 @@ demo: $(STAMP)
 	bash scripts/demo.sh $(WORKDIR)
 
 bench: $(STAMP)
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/bench_train_step.py --config small
+	$(PY) benchmarks/bench_sampling.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
