@@ -46,9 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="sample.py", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model_dir", help="ldm_jax model folder (ldm_jax.json) or diffusers SD folder (model_index.json)")
-    src.add_argument("--workdir", help="training workdir (loads a checkpoint via ldm_jax.training.from_workdir)")
+    src.add_argument("--workdir", help="diffusion training workdir (its EMA params, via ldm_jax.training.workdir.from_workdir)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step in --workdir (default: latest)")
-    p.add_argument("--config", default=None, help="training config file for --workdir (default: the workdir's own)")
+    p.add_argument("--config", default=None, help="config file path.py[:arg] for --workdir (default: the run's own config.json)")
     cond = p.add_mutually_exclusive_group()
     cond.add_argument("--prompt", action="append", help="a text prompt (repeatable)")
     cond.add_argument("--prompts", help="a text file with one prompt per line (blank lines skipped)")
@@ -88,16 +88,26 @@ def _file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _read_image(path: str, name: str, mode: str) -> np.ndarray:
+def _read_image(path: str, name: str):
+    """The image at ``path``, decoded (a PIL image); BadInput if missing or unreadable."""
     from PIL import Image, UnidentifiedImageError
 
     if not os.path.isfile(path):
         raise BadInput(f"{name} not found: {path}")
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert(mode))
+            image.load()
+            return image.copy()
     except (UnidentifiedImageError, OSError) as e:
         raise BadInput(f"cannot read {name} {path}: {e}") from None
+
+
+def _pixels(image, channels: int) -> np.ndarray:
+    """A PIL image as uint8 [H, W, channels] (1: grayscale, 3: RGB)."""
+    if channels not in (1, 3):
+        raise BadInput(f"image files need a 1- or 3-channel model, this one has {channels} channels")
+    array = np.asarray(image.convert("L" if channels == 1 else "RGB"))
+    return array[..., None] if channels == 1 else array
 
 
 def _conditions(args) -> tuple[str, list]:
@@ -148,15 +158,9 @@ def _load_pipeline(args):
         from ldm_jax.pipeline import load_model_folder
 
         return load_model_folder(args.model_dir, batch_invariant=not args.fast_batching)
-    try:
-        from ldm_jax.training import from_workdir
-    except ImportError:
-        raise BadInput(
-            "--workdir is not supported by this version (ldm_jax.training.from_workdir is missing); "
-            "export the model with ldm_jax.pipeline.save_model_folder and pass --model_dir"
-        ) from None
-    pipe = from_workdir(args.workdir, step=args.step, config=args.config)
-    return pipe.with_devices(batch_invariant=not args.fast_batching)
+    from ldm_jax.training.workdir import from_workdir
+
+    return from_workdir(args.workdir, step=args.step, config=args.config, batch_invariant=not args.fast_batching)
 
 
 def _grid(images: list[np.ndarray], columns: int) -> np.ndarray:
@@ -213,16 +217,13 @@ def run(args) -> int:
             f"{args.out} already holds {existing[0]}" + (f" and {len(existing) - 1} more outputs" if len(existing) > 1 else "")
             + "; pass --overwrite or choose another --out"
         )
-    images_in = {}
-    if args.init_image is not None:
-        images_in["init_image"] = _read_image(args.init_image, "init image", "RGB")
-    if args.mask is not None:
-        images_in["mask"] = _read_image(args.mask, "mask", "L")
-        if images_in["mask"].shape[:2] != images_in["init_image"].shape[:2]:
-            (mh, mw), (ih, iw) = images_in["mask"].shape[:2], images_in["init_image"].shape[:2]
-            raise BadInput(f"mask size {mh}x{mw} does not match init image size {ih}x{iw}")
-    if args.low_res is not None:
-        images_in["low_res"] = _read_image(args.low_res, "low-res image", "RGB")
+    files = {}  # read now, so that a bad file is reported before the model loads
+    for name, label in (("init_image", "init image"), ("mask", "mask"), ("low_res", "low-res image")):
+        if getattr(args, name) is not None:
+            files[name] = _read_image(getattr(args, name), label)
+    if "mask" in files and files["mask"].size != files["init_image"].size:
+        (mw, mh), (iw, ih) = files["mask"].size, files["init_image"].size
+        raise BadInput(f"mask size {mh}x{mw} does not match init image size {ih}x{iw}")
 
     from ldm_jax.pipeline import enable_compilation_cache
 
@@ -236,6 +237,15 @@ def run(args) -> int:
     from tqdm import tqdm
 
     pipe = _load_pipeline(args)
+    images_in = {}
+    if "init_image" in files:
+        images_in["init_image"] = _pixels(files["init_image"], pipe.first_stage.image_channels)
+    if "mask" in files:
+        images_in["mask"] = _pixels(files["mask"], 1)
+    if "low_res" in files:
+        if pipe.concat != "low_res":
+            raise BadInput("--low_res given but the model has no low-res conditioning channels")
+        images_in["low_res"] = _pixels(files["low_res"], pipe.low_res_channels)
     if "init_image" in images_in:
         size = images_in["init_image"].shape[:2]
         if (args.height or size[0], args.width or size[1]) != size:

@@ -349,6 +349,8 @@ def test_saved_model_folder_round_trips_and_diffusers_loads_it(sd, tmp_path):
         (dict(prompts="x", guidance_scale=1.0, negative_prompt="y"), "negative_prompt needs classifier-free"),
         (dict(prompts=["a", "b"], num_images=3), "prompts has 2 entries"),
         (dict(prompts="x", latents=np.zeros((1, 4, 4, 4))), r"latents shape \(1, 4, 4, 4\)"),
+        (dict(prompts="x", inpaint_jumps=(2, 3)), "resampling applies to known-region inpainting"),
+        (dict(prompts="x", num_steps=0), "num_steps must be a positive integer"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_them(sd, kwargs, message):

@@ -148,7 +148,7 @@ def files(tmp_path_factory):
         (["--model_dir", "{model}", "--prompt", "x", "--init_image", "{files}/init.png", "--mask", "{files}/small_mask.png"],
          "mask size 8x8 does not match init image size 16x16"),
         (["--model_dir", "{model}", "--prompt", "x", "--sampler", "nope"], "unknown sampler 'nope'"),
-        (["--workdir", "{tmp}", "--prompt", "x"], "--workdir is not supported by this version"),
+        (["--workdir", "{tmp}", "--prompt", "x"], "not a training workdir"),
         (["--model_dir", "{model}", "--prompt", "x", "--strength", "0.5"], "--strength needs --init_image"),
         (["--model_dir", "{model}", "--prompt", "x", "--init_image", "{files}/missing.png"], "init image not found"),
         (["--model_dir", "{model}", "--class", "1"], "class_labels given to a text-conditioned model"),

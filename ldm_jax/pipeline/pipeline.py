@@ -19,7 +19,9 @@ every array an image passes through has the same shape whatever the batch size o
 count, and the image is bit-identical across both. (XLA's matrix kernels pick their blocking,
 hence their summation order, from the shapes: a batched run differs in the last bits, ~1e-6.)
 ``batch_invariant=False`` runs each device's share as one batch: faster on accelerators,
-reproducible to the seed only for a fixed batch size and device count.
+reproducible to the seed only for a fixed batch size and device count. Bit-identity holds for
+one platform and JAX/XLA version (tested on CPU with 1, 2 and 8 devices); a different backend
+or compiler may round differently.
 """
 
 from __future__ import annotations
@@ -549,7 +551,7 @@ class LatentDiffusionPipeline:
             inputs["uncond"] = self.conditioner.null_host_inputs(n, negatives)
 
         options = self._sampler_options(sampler, num_steps, eta, sampler_options)
-        jump_length, jump_n_sample = inpaint_jumps
+        jump_length, jump_n_sample = self._jumps(inpaint_jumps, mode, sampler)
         program = _Program(
             mode=mode,
             latent_shape=latent_shape,
@@ -559,7 +561,7 @@ class LatentDiffusionPipeline:
             strength=strength,
             use_cfg=use_cfg,
             encode_noise=encode_mode == "sample" and fs.kind == "kl",
-            jumps=(int(jump_length), int(jump_n_sample)),
+            jumps=(jump_length, jump_n_sample),
             batch_invariant=self.batch_invariant,
         )
         return _Request(
@@ -619,6 +621,21 @@ class LatentDiffusionPipeline:
         if strength is not None:
             raise ValueError("strength applies to img2img / inpainting: pass init_image")
         return "text2img", None
+
+    @staticmethod
+    def _jumps(inpaint_jumps, mode: str, sampler: str) -> tuple[int, int]:
+        """(jump_length, jump_n_sample), checked: RePaint resampling applies to known-region
+        inpainting with a one-step sampler."""
+        values = tuple(inpaint_jumps) if isinstance(inpaint_jumps, (tuple, list)) else ()
+        if len(values) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in values):
+            raise ValueError(f"inpaint_jumps must be two positive integers (jump_length, jump_n_sample), got {inpaint_jumps!r}")
+        jump_length, jump_n_sample = (int(v) for v in values)
+        if jump_n_sample > 1:
+            if mode != "inpaint_replace":
+                raise ValueError("inpaint_jumps resampling applies to known-region inpainting (init_image and mask)")
+            if not SAMPLERS[sampler].memoryless:
+                raise ValueError(f"inpaint_jumps resampling needs a one-step sampler, not {sampler!r}")
+        return jump_length, jump_n_sample
 
     @property
     def learned_variance(self) -> bool:
