@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Two workers, one test file each at a time (module-scoped compiled fixtures stay shared).
 test: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest -x -q
+	$(TEST_ENV) $(PY) -m pytest -x -q -n 2 --dist loadfile
 
 demo: $(STAMP)
 	bash scripts/demo.sh $(WORKDIR)
