@@ -8,9 +8,10 @@ Measures, for a 50-step DDIM text-to-image generation with classifier-free guida
     pipeline (whole call) against its U-Net;
   * compile time (first call minus a compiled call).
 
-Usage:  python benchmarks/bench_sampling.py [--batch 4] [--steps 50] [--size 128] [--repeats 3]
-Prints a markdown table. Runs on one JAX CPU device (do not set
---xla_force_host_platform_device_count: both frameworks then use all cores for one program).
+Usage:  python benchmarks/bench_sampling.py [--batch 4] [--steps 50] [--size 64] [--repeats 3] [--threads N]
+Prints markdown tables of wall and process CPU time. Runs on one JAX CPU device (do not set
+--xla_force_host_platform_device_count); ``--threads N`` gives both frameworks N threads (on a
+shared machine, ``--threads 1`` and the CPU-time columns are the least disturbed by other load).
 """
 
 from __future__ import annotations
@@ -20,20 +21,42 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
-from transformers import CLIPTokenizer as HFCLIPTokenizer
 
-from ldm_jax.diffusion.guidance import cfg_model_fn
-from ldm_jax.diffusion.samplers import sample
-from ldm_jax.pipeline import load_model_folder
+
+def _parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--size", type=int, default=64, help="image side (latents are size / 4)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="pin the process to this many cores, torch threads to match (0: all cores, defaults)")
+    return parser.parse_args()
+
+
+ARGS = _parse_args() if __name__ == "__main__" else None
+if ARGS is not None and ARGS.threads:
+    # Before JAX and torch start their thread pools: pin the process (every thread it will
+    # create) to N cores, and give XLA single-threaded matrix kernels when N is 1.
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: ARGS.threads])
+    if ARGS.threads == 1:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import torch  # noqa: E402
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
+from transformers import CLIPTokenizer as HFCLIPTokenizer  # noqa: E402
+
+from ldm_jax.diffusion.guidance import cfg_model_fn  # noqa: E402
+from ldm_jax.diffusion.samplers import sample  # noqa: E402
+from ldm_jax.pipeline import load_model_folder  # noqa: E402
 
 UNET = dict(
     block_out_channels=(64, 128, 128),
@@ -87,29 +110,27 @@ def build_diffusers(folder: str, size: int) -> StableDiffusionPipeline:
     return pipe
 
 
-def seconds(fn) -> float:
-    start = time.perf_counter()
+def seconds(fn) -> tuple[float, float]:
+    """(wall, process CPU) seconds of one call; CPU time counts every thread of this process,
+    so it is less sensitive than wall time to other programs sharing the machine."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def interleaved(fns: dict, repeats: int) -> dict:
-    """Median wall time of each function over ``repeats`` rounds, the functions alternating
-    within each round, so that a shared, busy machine loads them alike."""
+    """Median (wall, CPU) seconds of each function over ``repeats`` rounds, the functions
+    alternating within each round, so that a shared, busy machine loads them alike."""
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
             times[name].append(seconds(fn))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: tuple(statistics.median(x) for x in zip(*t)) for name, t in times.items()}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--size", type=int, default=64, help="image side (latents are size / 4)")
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+def main(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
     batch, steps, size = args.batch, args.steps, args.size
     prompts = (PROMPTS * batch)[:batch]
 
@@ -140,7 +161,8 @@ def main():
         calls["diffusers (PyTorch)"] = diffusers_call
         steady = interleaved(calls, args.repeats)
         diffusers_time = steady["diffusers (PyTorch)"]
-        rows = [(name, t / batch, first[name] - t if name in first else None) for name, t in steady.items()]
+        rows = [(name, wall / batch, cpu / batch, first[name][0] - wall if name in first else None)
+                for name, (wall, cpu) in steady.items()]
 
         # Loop overhead: our jitted loop vs the same number of jitted guided U-Net calls (same
         # batch, conditioning and latents); diffusers' whole call vs its guided U-Net batch.
@@ -181,26 +203,29 @@ def main():
             args.repeats,
         )
 
-    ours_time = rows[0][1]
+    (d_wall, d_cpu), (loop_wall, loop_cpu) = diffusers_time, overhead["loop"]
+    (calls_wall, calls_cpu), (torch_wall, torch_cpu) = overhead["unet calls"], overhead["torch unet calls"]
+    (dd_wall, dd_cpu) = overhead["diffusers"]
     print(f"\nSampling benchmark: {steps}-step DDIM, classifier-free guidance 7.5, batch {batch}, {size}x{size} images "
-          f"(latents {size // 4}x{size // 4}x4)")
-    print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; torch threads "
-          f"{torch.get_num_threads()}; JAX devices {jax.device_count()} ({jax.devices()[0].platform}); "
+          f"(latents {size // 4}x{size // 4}x4); medians of {args.repeats} interleaved runs")
+    print(f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
+          f"{os.getloadavg()[0]:.1f}; threads: {args.threads or 'default'} (torch {torch.get_num_threads()}); "
+          f"JAX {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} device; torch {torch.__version__}; "
           f"U-Net {sum(p.numel() for p in torch_pipe.unet.parameters()) / 1e6:.2f}M params\n")
-    print("| pipeline | time per image (s) | diffusers / this | compile (s) |")
-    print("|---|---|---|---|")
-    for name, per_image, compile_time in rows:
+    print("| pipeline | wall s / image | CPU s / image | diffusers / this (wall) | diffusers / this (CPU) | compile s |")
+    print("|---|---|---|---|---|---|")
+    for name, wall, cpu, compile_time in rows:
         compile_text = f"{compile_time:.1f}" if compile_time is not None else "-"
-        print(f"| {name} | {per_image:.3f} | {diffusers_time / batch / per_image:.2f}x | {compile_text} |")
-    print("\n| loop overhead | value |")
-    print("|---|---|")
-    print(f"| ours: {steps}-step jitted loop / ({steps} x jitted guided U-Net call) | "
-          f"{overhead['loop'] / overhead['unet calls']:.3f} ({overhead['loop']:.2f} s / {overhead['unet calls']:.2f} s) |")
-    print(f"| diffusers: whole call / ({steps} x guided U-Net call) | "
-          f"{overhead['diffusers'] / overhead['torch unet calls']:.3f} "
-          f"({overhead['diffusers']:.2f} s / {overhead['torch unet calls']:.2f} s) |")
-    print(f"\nours (batch-invariant) is {diffusers_time / batch / ours_time:.2f}x the speed of diffusers per image.")
+        print(f"| {name} | {wall:.3f} | {cpu:.3f} | {d_wall / batch / wall:.2f}x | {d_cpu / batch / cpu:.2f}x "
+              f"| {compile_text} |")
+    print("\n| loop overhead | wall | CPU |")
+    print("|---|---|---|")
+    print(f"| ours: {steps}-step jitted loop / ({steps} x jitted guided U-Net call) | {loop_wall / calls_wall:.3f} "
+          f"({loop_wall:.2f} s / {calls_wall:.2f} s) | {loop_cpu / calls_cpu:.3f} ({loop_cpu:.2f} s / {calls_cpu:.2f} s) |")
+    print(f"| diffusers: whole call / ({steps} x guided U-Net call) | {dd_wall / torch_wall:.3f} "
+          f"({dd_wall:.2f} s / {torch_wall:.2f} s) | {dd_cpu / torch_cpu:.3f} ({dd_cpu:.2f} s / {torch_cpu:.2f} s) |")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":
-    main()
+    main(ARGS)
