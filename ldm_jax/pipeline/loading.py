@@ -304,12 +304,13 @@ def load_model_folder(
     folder = os.path.abspath(os.fspath(folder))
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"model folder not found: {folder}")
-    for name, load in ((LDM_JAX_JSON, _load_ldm_jax_folder), (MODEL_INDEX, _load_diffusers_folder)):
+    for name, components in ((LDM_JAX_JSON, _ldm_jax_components), (MODEL_INDEX, _diffusers_components)):
         if os.path.isfile(os.path.join(folder, name)):
             try:
-                return load(folder, dtype, devices, batch_invariant)
+                kwargs = components(folder, dtype)
             except KeyError as e:  # a config file without an entry the format requires
                 raise ValueError(f"a config file in {folder} lacks the entry {e}") from None
+            return LatentDiffusionPipeline(**kwargs, devices=devices, batch_invariant=batch_invariant)
     raise FileNotFoundError(f"{folder} holds neither {LDM_JAX_JSON} nor {MODEL_INDEX}")
 
 
@@ -342,7 +343,8 @@ def _concat_kind(unet, latent_channels: int, source: str) -> str | None:
     )
 
 
-def _load_diffusers_folder(folder: str, dtype, devices, batch_invariant) -> LatentDiffusionPipeline:
+def _diffusers_components(folder: str, dtype) -> dict:
+    """``LatentDiffusionPipeline`` keyword arguments from a diffusers Stable Diffusion folder."""
     index = _read_json(os.path.join(folder, MODEL_INDEX))
     for name, expected in (("unet", ("UNet2DConditionModel",)), ("vae", ("AutoencoderKL", "VQModel"))):
         found = _component(index, name)
@@ -361,7 +363,7 @@ def _load_diffusers_folder(folder: str, dtype, devices, batch_invariant) -> Late
     elif unet.num_classes is not None:
         conditioner = ClassConditioner(unet.num_classes)
     schedule, prediction, defaults = read_scheduler_config(_read_json(os.path.join(folder, SCHEDULER_CONFIG)))
-    return LatentDiffusionPipeline(
+    return dict(
         unet=unet,
         unet_params=unet_params,
         first_stage=first_stage,
@@ -373,12 +375,11 @@ def _load_diffusers_folder(folder: str, dtype, devices, batch_invariant) -> Late
         concat=_concat_kind(unet, first_stage.latent_channels, folder),
         sampler_defaults=defaults,
         info={"source": folder, "format": "diffusers", "pipeline_class": index.get("_class_name")},
-        devices=devices,
-        batch_invariant=batch_invariant,
     )
 
 
-def _load_ldm_jax_folder(folder: str, dtype, devices, batch_invariant) -> LatentDiffusionPipeline:
+def _ldm_jax_components(folder: str, dtype) -> dict:
+    """``LatentDiffusionPipeline`` keyword arguments from an ldm_jax model folder."""
     spec = _read_json(os.path.join(folder, LDM_JAX_JSON))
     if spec.get("format") != FORMAT or spec.get("format_version") != FORMAT_VERSION:
         raise ValueError(
@@ -416,7 +417,7 @@ def _load_ldm_jax_folder(folder: str, dtype, devices, batch_invariant) -> Latent
         conditioner = TextConditioner(ByteTokenizer(int(cond.get("max_length", encoder.max_length))), encoder)
     elif cond["kind"] != "none":
         raise ValueError(f"unknown conditioning {cond!r} in {LDM_JAX_JSON}")
-    return LatentDiffusionPipeline(
+    return dict(
         unet=unet,
         unet_params=unet_params,
         first_stage=first_stage,
@@ -428,8 +429,6 @@ def _load_ldm_jax_folder(folder: str, dtype, devices, batch_invariant) -> Latent
         concat=spec.get("concat"),
         sampler_defaults=spec.get("sampler_defaults", {}),
         info={"source": folder, "format": "ldm_jax", **spec.get("provenance", {})},
-        devices=devices,
-        batch_invariant=batch_invariant,
     )
 
 
