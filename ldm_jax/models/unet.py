@@ -94,6 +94,36 @@ def _jsonable(value):
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
+def _resnet(block: nn.Module, out_channels: int, name: str, output_scale_factor: float = 1.0) -> ResnetBlock:
+    """The ResnetBlock every U-Net block builds, configured from the block's own fields."""
+    return ResnetBlock(
+        out_channels=out_channels,
+        groups=block.norm_num_groups,
+        eps=block.norm_eps,
+        dropout=block.dropout,
+        time_embedding_norm=block.time_embedding_norm,
+        output_scale_factor=output_scale_factor,
+        dtype=block.dtype,
+        param_dtype=block.param_dtype,
+        name=name,
+    )
+
+
+def _transformer(block: nn.Module, channels: int, name: str) -> Transformer2D:
+    """The spatial transformer every cross-attention U-Net block builds, from the block's fields."""
+    return Transformer2D(
+        heads=block.heads,
+        head_dim=channels // block.heads,
+        depth=block.transformer_depth,
+        use_linear_projection=block.use_linear_projection,
+        norm_num_groups=block.norm_num_groups,
+        implementation=block.attention_implementation,
+        dtype=block.dtype,
+        param_dtype=block.param_dtype,
+        name=name,
+    )
+
+
 class DownBlock(nn.Module):
     """diffusers ``DownBlock2D`` (``has_attention=False``) or ``CrossAttnDownBlock2D``:
     ``num_layers`` x (ResnetBlock [-> Transformer2D]) then an optional stride-2 Downsample.
@@ -122,26 +152,9 @@ class DownBlock(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         skips = []
         for i in range(self.num_layers):
-            x = ResnetBlock(
-                out_channels=self.out_channels,
-                groups=self.norm_num_groups,
-                eps=self.norm_eps,
-                dropout=self.dropout,
-                time_embedding_norm=self.time_embedding_norm,
-                name=f"resnets_{i}",
-                **kw,
-            )(x, temb, deterministic)
+            x = _resnet(self, self.out_channels, f"resnets_{i}")(x, temb, deterministic)
             if self.has_attention:
-                x = Transformer2D(
-                    heads=self.heads,
-                    head_dim=self.out_channels // self.heads,
-                    depth=self.transformer_depth,
-                    use_linear_projection=self.use_linear_projection,
-                    norm_num_groups=self.norm_num_groups,
-                    implementation=self.attention_implementation,
-                    name=f"attentions_{i}",
-                    **kw,
-                )(x, context, deterministic)
+                x = _transformer(self, self.out_channels, f"attentions_{i}")(x, context, deterministic)
             skips.append(x)
         if self.add_downsample:
             x = Downsample(self.out_channels, padding="symmetric", name="downsamplers_0", **kw)(x)
@@ -169,30 +182,11 @@ class MidBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, temb, context, deterministic: bool = True):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         channels = x.shape[-1]
-        resnet_kw = dict(
-            out_channels=channels,
-            groups=self.norm_num_groups,
-            eps=self.norm_eps,
-            dropout=self.dropout,
-            time_embedding_norm=self.time_embedding_norm,
-            output_scale_factor=self.output_scale_factor,
-            **kw,
-        )
-        x = ResnetBlock(name="resnets_0", **resnet_kw)(x, temb, deterministic)
+        x = _resnet(self, channels, "resnets_0", self.output_scale_factor)(x, temb, deterministic)
         if self.has_attention:
-            x = Transformer2D(
-                heads=self.heads,
-                head_dim=channels // self.heads,
-                depth=self.transformer_depth,
-                use_linear_projection=self.use_linear_projection,
-                norm_num_groups=self.norm_num_groups,
-                implementation=self.attention_implementation,
-                name="attentions_0",
-                **kw,
-            )(x, context, deterministic)
-            x = ResnetBlock(name="resnets_1", **resnet_kw)(x, temb, deterministic)
+            x = _transformer(self, channels, "attentions_0")(x, context, deterministic)
+            x = _resnet(self, channels, "resnets_1", self.output_scale_factor)(x, temb, deterministic)
         return x
 
 
@@ -227,26 +221,9 @@ class UpBlock(nn.Module):
         for i in range(self.num_layers):
             skip = skips[self.num_layers - 1 - i]
             x = jnp.concatenate([x.astype(self.dtype), skip.astype(self.dtype)], axis=-1)
-            x = ResnetBlock(
-                out_channels=self.out_channels,
-                groups=self.norm_num_groups,
-                eps=self.norm_eps,
-                dropout=self.dropout,
-                time_embedding_norm=self.time_embedding_norm,
-                name=f"resnets_{i}",
-                **kw,
-            )(x, temb, deterministic)
+            x = _resnet(self, self.out_channels, f"resnets_{i}")(x, temb, deterministic)
             if self.has_attention:
-                x = Transformer2D(
-                    heads=self.heads,
-                    head_dim=self.out_channels // self.heads,
-                    depth=self.transformer_depth,
-                    use_linear_projection=self.use_linear_projection,
-                    norm_num_groups=self.norm_num_groups,
-                    implementation=self.attention_implementation,
-                    name=f"attentions_{i}",
-                    **kw,
-                )(x, context, deterministic)
+                x = _transformer(self, self.out_channels, f"attentions_{i}")(x, context, deterministic)
         if self.add_upsample:
             x = Upsample(self.out_channels, name="upsamplers_0", **kw)(x)
         return x
