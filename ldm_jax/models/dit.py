@@ -676,8 +676,9 @@ class PixArtDiT(nn.Module):
             "norm_type": "ada_norm_single",
             "norm_elementwise_affine": self.norm_elementwise_affine,
             "norm_eps": self.norm_eps,
-            "interpolation_scale": self.resolved_interpolation_scale,
-            "use_additional_conditions": self.additional_conditions,
+            # as given (None = diffusers' own default rule, which resolved_* mirrors)
+            "interpolation_scale": self.interpolation_scale,
+            "use_additional_conditions": self.use_additional_conditions,
             "caption_channels": self.caption_channels,
             "attention_type": "default",
         }
@@ -818,7 +819,9 @@ _LEGACY_ONLY_VALUES: dict[str, tuple] = {
 _IRRELEVANT_KEYS = ("norm_num_groups", "use_linear_projection", "upcast_attention")
 
 
-def _parse(config: Mapping[str, Any], class_name: str, norm_type: str, keys: tuple, only: dict) -> dict[str, Any]:
+def _parse(
+    config: Mapping[str, Any], class_name: str, norm_type: str, keys: tuple, only: dict, ignore: tuple = ()
+) -> dict[str, Any]:
     name = config.get("_class_name", class_name)
     legacy = name == "Transformer2DModel"
     if name != class_name and not legacy:
@@ -826,7 +829,7 @@ def _parse(config: Mapping[str, Any], class_name: str, norm_type: str, keys: tup
     only = {**only, **(_LEGACY_ONLY_VALUES if legacy else {}), "norm_type": (norm_type,)}
     out: dict[str, Any] = {}
     for key, value in config.items():
-        if key.startswith("_") or key in _IRRELEVANT_KEYS:
+        if key.startswith("_") or key in _IRRELEVANT_KEYS or key in ignore:
             continue
         if key in only:
             if value not in only[key]:
@@ -846,7 +849,8 @@ def dit_config_to_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
     legacy = config.get("_class_name") == "Transformer2DModel"
     keys = _COMMON_KEYS + ("num_embeds_ada_norm",) + (("interpolation_scale",) if legacy else ())
     only = {"cross_attention_dim": (None,), "caption_channels": (None,)} if legacy else {}
-    kwargs = _parse(config, "DiTTransformer2DModel", "ada_norm_zero", keys, only)
+    # use_additional_conditions only acts with norm_type="ada_norm_single".
+    kwargs = _parse(config, "DiTTransformer2DModel", "ada_norm_zero", keys, only, ignore=("use_additional_conditions",))
     if "num_embeds_ada_norm" in kwargs:
         kwargs["num_classes"] = kwargs.pop("num_embeds_ada_norm")
     if legacy:
