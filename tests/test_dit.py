@@ -26,7 +26,8 @@ from ldm_jax.interop.diffusers_dit import (
     save_diffusers_dit,
 )
 from ldm_jax.interop.torch_weights import WeightsError
-from ldm_jax.models.dit import DiT, PixArtDiT, attend, sincos_pos_embed_2d, unpatchify
+from ldm_jax.models.dit import DiT, attend, sincos_pos_embed_2d, unpatchify
+from ldm_jax.models.pixart import PixArtDiT
 
 # Learned-sigma DiT as the brief's tiny config: 8x8 latents, patch 2, 2 layers of 2 heads x 8.
 DIT_TINY = dict(
@@ -155,7 +156,7 @@ def _jax(module, params, x, **kwargs) -> np.ndarray:
 def reference(tmp_path_factory):
     """name -> (diffusers model, its save_pretrained folder, our (model, params) loaded from it)."""
     out = {}
-    classes = {**{n: DiTTransformer2DModel for n in DIT_CONFIGS}, **{n: PixArtTransformer2DModel for n in PIXART_CONFIGS}}
+    classes = {n: DiTTransformer2DModel for n in DIT_CONFIGS} | {n: PixArtTransformer2DModel for n in PIXART_CONFIGS}
     for i, (name, cfg) in enumerate({**DIT_CONFIGS, **PIXART_CONFIGS}.items()):
         torch.manual_seed(i)
         model = classes[name](**cfg).eval()
@@ -308,7 +309,8 @@ def test_unpatchify_matches_explicit_patch_layout():
             for a in range(p):
                 for b in range(p):
                     tokens[0, i * gw + j, (a * p + b) * c : (a * p + b + 1) * c] = image[0, i * p + a, j * p + b]
-    np.testing.assert_array_equal(np.asarray(unpatchify(jnp.asarray(tokens), gh, gw, p, c)), image.astype(np.float32))
+    got = np.asarray(unpatchify(jnp.asarray(tokens), gh, gw, p, c))
+    np.testing.assert_array_equal(got, image.astype(np.float32))
 
 
 def test_attend_matches_float64_softmax_with_key_mask():
@@ -450,5 +452,6 @@ def test_remat_same_output_and_grads():
     (l0, o0), g0 = results[False]
     (l1, o1), g1 = results[True]
     np.testing.assert_allclose(np.asarray(o1), np.asarray(o0), rtol=1e-6, atol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6), g1, g0)
+    close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)  # noqa: E731
+    jax.tree.map(close, g1, g0)
     assert float(jnp.abs(g0["transformer_blocks_1"]["norm1"]["linear"]["kernel"]).max()) > 0

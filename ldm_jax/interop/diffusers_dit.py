@@ -1,6 +1,7 @@
 """Load and save diffusers ``DiTTransformer2DModel`` and ``PixArtTransformer2DModel`` folders
 (``config.json`` + ``diffusion_pytorch_model.safetensors``, the layout of facebook/DiT-XL-2-256's and
-PixArt-alpha's ``transformer/`` subfolders) as ``ldm_jax.models.dit`` modules and params.
+PixArt-alpha's ``transformer/`` subfolders) as ``ldm_jax.models.dit.DiT`` /
+``ldm_jax.models.pixart.PixArtDiT`` modules and params.
 
 The flax parameter tree mirrors the diffusers state dict: ``transformer_blocks_0/norm1/emb/
 class_embedder/embedding_table/embedding`` is ``transformer_blocks.0.norm1.emb.class_embedder.
@@ -41,7 +42,8 @@ from ldm_jax.interop.torch_weights import (
     load_state_dict,
     save_state_dict,
 )
-from ldm_jax.models.dit import DiT, PixArtDiT
+from ldm_jax.models.dit import DiT
+from ldm_jax.models.pixart import PixArtDiT
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model"
@@ -92,7 +94,9 @@ def abstract_params(model: Model) -> dict:
     return nn.meta.unbox(boxed)["params"]
 
 
-def params_from_diffusers_state_dict(model: Model, state_dict: Mapping[str, np.ndarray], source: str = "state dict") -> dict:
+def params_from_diffusers_state_dict(
+    model: Model, state_dict: Mapping[str, np.ndarray], source: str = "state dict"
+) -> dict:
     """Convert a diffusers DiT/PixArt state dict into ``model``'s (unboxed) params, cast to
     ``model.param_dtype``. Every parameter must be found with its shape and every tensor used,
     else :class:`WeightsError` names the key."""
@@ -122,7 +126,9 @@ def params_to_diffusers_state_dict(model: Model, params, dtype=np.float32) -> di
     out = {}
     for path, value in flat.items():
         if tuple(value.shape) != tuple(expected[path].shape):
-            raise WeightsError(f"param {'/'.join(path)} has shape {value.shape}, model expects {expected[path].shape}")
+            raise WeightsError(
+                f"param {'/'.join(path)} has shape {value.shape}, model expects {expected[path].shape}"
+            )
         value = np.asarray(jax.device_get(value), dtype=np.float32)
         if _is_kernel(path):
             value = conv_from_flax(value) if value.ndim == 4 else linear_from_flax(value)

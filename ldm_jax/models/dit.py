@@ -1,5 +1,5 @@
-"""Diffusion transformers: DiT (Peebles & Xie 2023) and its text-conditioned PixArt-alpha variant,
-mirroring diffusers' ``DiTTransformer2DModel`` and ``PixArtTransformer2DModel``.
+"""DiT (Peebles & Xie 2023), mirroring diffusers' ``DiTTransformer2DModel``, and the transformer
+building blocks its text-conditioned PixArt-alpha variant (``ldm_jax.models.pixart``) shares.
 
 A latent [B, H, W, C] (NHWC) is cut into p x p patches by a stride-p convolution (``pos_embed/proj``),
 a fixed 2D sin-cos position embedding is added, ``num_layers`` transformer blocks run over the
@@ -7,33 +7,27 @@ a fixed 2D sin-cos position embedding is added, ``num_layers`` transformer block
 out_channels patch ("unpatchify"). ``out_channels = 2 * in_channels`` is DiT's learned-sigma output
 (eps and the variance interpolation v; the caller splits it).
 
-Conditioning:
-  * :class:`DiT`: timestep + class label through adaLN-Zero (every block regresses shift/scale/gate
-    for its attention and MLP from the conditioning vector; the gates' projection is zero-initialised
-    in the paper, so each block starts as the identity). The class table has ``num_classes + 1`` rows;
-    label ``num_classes`` (``DiT.null_class_label``) is the learned "no class" label for
-    classifier-free guidance (diffusers' ``LabelEmbedding`` with dropout > 0, so DiT-XL/2's
-    ``num_embeds_ada_norm=1000`` means 1000 classes + the null label). Label dropout during training
-    is the trainer's job (``ldm_jax.diffusion.guidance.drop_conditioning``), not the model's.
-  * :class:`PixArtDiT`: timestep through adaLN-single (ONE shared MLP gives 6*D modulation values,
-    each block adds its own learned ``scale_shift_table``), text through cross-attention on
-    ``context`` (optionally projected by ``caption_projection``, PixArt's T5 4096 -> D MLP), with an
-    optional key-padding ``context_mask``.
+Conditioning: timestep + class label through adaLN-Zero (every block regresses shift/scale/gate for
+its attention and MLP from the conditioning vector; that regressor and the final projections are
+zero-initialised as in the paper, so each block starts as the identity and the output at 0). The
+class table has ``num_classes + 1`` rows; label ``num_classes`` (``DiT.null_class_label``) is the
+learned "no class" label for classifier-free guidance (diffusers' ``LabelEmbedding`` with dropout > 0,
+so DiT-XL/2's ``num_embeds_ada_norm=1000`` means 1000 classes + the null label). Label dropout during
+training is the trainer's job (``ldm_jax.diffusion.guidance.drop_conditioning``), not the model's.
 
-diffusers quirk kept for weight compatibility: in ``DiTTransformer2DModel`` EVERY block owns its
-own timestep/label embedding (``transformer_blocks.i.norm1.emb``) and the final layer uses block 0's.
-The original DiT shares one; the converted facebook/DiT checkpoints hold 28 identical copies. We mirror
-diffusers (so parameter counts and state dicts match exactly); a model trained here simply learns
-28 embeddings.
+diffusers quirk kept for weight compatibility: in ``DiTTransformer2DModel`` EVERY block owns its own
+timestep/label embedding (``transformer_blocks.i.norm1.emb``) and the final layer uses block 0's. The
+original DiT shares one (diffusers' conversion copies it into every block). We mirror diffusers, so
+parameter counts (DiT-XL/2: 749,826,464 vs the paper's ~675M) and state dicts match exactly; a model
+trained here simply learns ``num_layers`` embeddings.
 
 Parameter names follow diffusers with ``name_i`` for ``name.i`` (``transformer_blocks_3/attn1/to_out_0``,
 ``ff/net_0/proj``), so ``ldm_jax.interop.diffusers_dit`` is a renaming. All attention goes through
-:func:`attend` (one call site, ``attention`` field = backend name).
+:func:`attend` (one call site; the modules' ``attention`` field is the backend name).
 
-Numerics as diffusers: adaLN LayerNorms eps 1e-6 without affine; the MLP's LayerNorm (``norm3``, DiT)
-and PixArt's ``norm1``/``norm2`` use ``norm_eps`` (DiT default 1e-5, PixArt 1e-6); GELU is the tanh
-approximation for ``activation_fn="gelu-approximate"``; the DiT timestep features are
-``timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=1)`` (PixArt: shift 0).
+Numerics as diffusers: adaLN LayerNorms eps 1e-6 without affine; the MLP's LayerNorm (``norm3``) uses
+``norm_eps`` (1e-5 by default); GELU is the tanh approximation for ``activation_fn="gelu-approximate"``;
+timestep features are ``timestep_embedding(t, 256, flip_sin_to_cos=True, downscale_freq_shift=1)``.
 Norms, softmax and the position table are float32 whatever ``dtype``.
 """
 
@@ -107,7 +101,7 @@ def unpatchify(tokens, grid_h: int, grid_w: int, patch_size: int, channels: int)
     return x.reshape(b, grid_h * patch_size, grid_w * patch_size, channels)
 
 
-def _layer_norm(eps: float, affine: bool, param_dtype: Dtype, name: str) -> nn.LayerNorm:
+def layer_norm_f32(eps: float, affine: bool, param_dtype: Dtype, name: str) -> nn.LayerNorm:
     """float32 LayerNorm; without affine parameters unless ``affine`` (torch's elementwise_affine).
     Two-pass variance (not E[x^2]-E[x]^2) to stay within 1e-5 of torch."""
     init = lambda base: nn.with_logical_partitioning(base, ("norm",))  # noqa: E731
@@ -124,7 +118,7 @@ def _layer_norm(eps: float, affine: bool, param_dtype: Dtype, name: str) -> nn.L
     )
 
 
-def _modulate(normed, shift, scale, dtype):
+def modulate(normed, shift, scale, dtype):
     """adaLN: ``norm(x) * (1 + scale) + shift`` (norm in float32), cast to the compute dtype."""
     return (normed * (1 + scale.astype(jnp.float32)) + shift.astype(jnp.float32)).astype(dtype)
 
@@ -213,7 +207,8 @@ class _GeluProj(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        h = P.dense(self.features, names=("embed", "mlp"), dtype=self.dtype, param_dtype=self.param_dtype, name="proj")(x)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = P.dense(self.features, names=("embed", "mlp"), name="proj", **kw)(x)
         return jax.nn.gelu(h, approximate=self.approximate)
 
 
@@ -228,10 +223,8 @@ class _LabelEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, labels):
-        table = P.embed(
-            self.num_classes + 1, self.features, dtype=self.dtype, param_dtype=self.param_dtype, name="embedding_table"
-        )
-        return table(labels)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        return P.embed(self.num_classes + 1, self.features, name="embedding_table", **kw)(labels)
 
 
 class TimestepLabelEmbedding(nn.Module):
@@ -266,8 +259,8 @@ class AdaLayerNormZero(nn.Module):
         emb = TimestepLabelEmbedding(self.num_classes, d, name="emb", **kw)(t_freq, labels)
         mod = P.dense(6 * d, kernel_init=nn.initializers.zeros_init(), name="linear", **kw)(nn.silu(emb))
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod[:, None, :], 6, axis=-1)
-        normed = _layer_norm(1e-6, False, self.param_dtype, "norm")(x)
-        return _modulate(normed, shift_msa, scale_msa, self.dtype), gate_msa, shift_mlp, scale_mlp, gate_mlp, emb
+        normed = layer_norm_f32(1e-6, False, self.param_dtype, "norm")(x)
+        return modulate(normed, shift_msa, scale_msa, self.dtype), gate_msa, shift_mlp, scale_mlp, gate_mlp, emb
 
 
 class DiTBlock(nn.Module):
@@ -298,61 +291,19 @@ class DiTBlock(nn.Module):
             self.heads, self.head_dim, self.attention_bias, self.dropout, self.attention, name="attn1", **kw
         )
         x = x + gate_msa * attn(h, None, None, deterministic)
-        normed = _layer_norm(self.norm_eps, self.norm_elementwise_affine, self.param_dtype, "norm3")(x)
-        h = _modulate(normed, shift_mlp, scale_mlp, self.dtype)
+        normed = layer_norm_f32(self.norm_eps, self.norm_elementwise_affine, self.param_dtype, "norm3")(x)
+        h = modulate(normed, shift_mlp, scale_mlp, self.dtype)
         ff = FeedForward(self.activation_fn, dropout=self.dropout, name="ff", **kw)
         return x + gate_mlp * ff(h, deterministic), emb
 
 
-class PixArtBlock(nn.Module):
-    """adaLN-single block (diffusers ``BasicTransformerBlock``, ``norm_type="ada_norm_single"``):
-    modulation = ``scale_shift_table`` [6, D] + the shared 6*D timestep projection;
-    x + gate_msa * attn1(LN(x)*(1+scale)+shift); x + attn2(x, context) (no norm, as PixArt);
-    x + gate_mlp * ff(LN(x)*(1+scale)+shift). ``attn2``'s output projection is zero-initialised
-    (PixArt's init). x [B, T, D], modulation [B, 6*D], context [B, S, D_ctx], context_mask [B, S] or None."""
-
-    heads: int
-    head_dim: int
-    attention_bias: bool = True
-    activation_fn: str = "gelu-approximate"
-    norm_elementwise_affine: bool = False
-    norm_eps: float = 1e-6
-    dropout: float = 0.0
-    attention: str = "auto"
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x, modulation, context, context_mask, deterministic: bool = True):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        b, _, d = x.shape
-        x = x.astype(self.dtype)
-        table = self.param(
-            "scale_shift_table",
-            nn.with_logical_partitioning(nn.initializers.normal(stddev=d**-0.5), MODULATION_TABLE),
-            (6, d),
-            self.param_dtype,
-        )
-        mod = table[None].astype(jnp.float32) + modulation.reshape(b, 6, d).astype(jnp.float32)
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=1)  # [B, 1, D]
-        norm = lambda name: _layer_norm(self.norm_eps, self.norm_elementwise_affine, self.param_dtype, name)  # noqa: E731
-        attn_args = (self.heads, self.head_dim, self.attention_bias, self.dropout, self.attention)
-
-        h = _modulate(norm("norm1")(x), shift_msa, scale_msa, self.dtype)
-        x = x + gate_msa.astype(self.dtype) * Attention(*attn_args, name="attn1", **kw)(h, None, None, deterministic)
-        cross = Attention(*attn_args, zero_init_out=True, name="attn2", **kw)
-        x = x + cross(x, context, context_mask, deterministic)
-        h = _modulate(norm("norm2")(x), shift_mlp, scale_mlp, self.dtype)
-        ff = FeedForward(self.activation_fn, dropout=self.dropout, name="ff", **kw)
-        return x + gate_mlp.astype(self.dtype) * ff(h, deterministic)
+# ------------------------------------------------- checks and helpers shared with PixArtDiT
 
 
-# --------------------------------------------------------------------- shared checks
-
-
-def _check_structure(m) -> None:
+def check_structure(m) -> None:
     """Construction-time checks common to DiT and PixArtDiT (ValueError naming the option)."""
-    for name in ("sample_size", "patch_size", "in_channels", "num_layers", "num_attention_heads", "attention_head_dim"):
+    sizes = ("sample_size", "patch_size", "in_channels", "num_layers", "num_attention_heads", "attention_head_dim")
+    for name in sizes:
         value = getattr(m, name)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} must be a positive int")
@@ -371,7 +322,7 @@ def _check_structure(m) -> None:
         raise ValueError(f"unknown attention backend {m.attention!r}; known: {sorted(ATTENTION_BACKENDS)}")
 
 
-def _check_x_t(m, x, t):
+def check_inputs(m, x, t):
     """x [B, H, W, in_channels] with H, W multiples of patch_size; t scalar or [B] -> t [B]."""
     if x.ndim != 4 or x.shape[-1] != m.in_channels:
         raise ValueError(f"x must be [B, H, W, {m.in_channels}] (NHWC), got shape {x.shape}")
@@ -386,7 +337,7 @@ def _check_x_t(m, x, t):
     return t
 
 
-def _patch_embed(m, x):
+def patch_embed(m, x):
     return PatchEmbed(
         m.patch_size,
         m.num_attention_heads * m.attention_head_dim,
@@ -398,7 +349,7 @@ def _patch_embed(m, x):
     )(x)
 
 
-def _block_class(cls, remat: bool, deterministic_argnum: int):
+def block_class(cls, remat: bool, deterministic_argnum: int):
     # static: the python bool `deterministic` (argument 0 is the module itself).
     return nn.remat(cls, static_argnums=(deterministic_argnum,)) if remat else cls
 
@@ -438,7 +389,7 @@ class DiT(nn.Module):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_structure(self)
+        check_structure(self)
         if not isinstance(self.num_classes, int) or self.num_classes < 1:
             raise ValueError(f"num_classes={self.num_classes!r} must be a positive int")
 
@@ -484,7 +435,7 @@ class DiT(nn.Module):
         """A ``config.json`` dict that ``DiTTransformer2DModel.from_config`` builds the same network from."""
         if self.interpolation_scale != 1.0:
             raise ValueError(
-                f"interpolation_scale={self.interpolation_scale} cannot be expressed in a DiTTransformer2DModel config"
+                f"interpolation_scale={self.interpolation_scale} cannot be written to a DiTTransformer2DModel config"
             )
         return {
             "_class_name": "DiTTransformer2DModel",
@@ -508,10 +459,10 @@ class DiT(nn.Module):
 
     @nn.compact
     def __call__(self, x, t, context=None, class_labels=None, train: bool = False):
-        t = _check_x_t(self, x, t)
+        t = check_inputs(self, x, t)
         b = x.shape[0]
         if context is not None:
-            raise ValueError("DiT is class-conditional and takes no context; use PixArtDiT for text")
+            raise ValueError("DiT is class-conditional and takes no context (text: ldm_jax.models.pixart.PixArtDiT)")
         if class_labels is None:
             raise ValueError(f"DiT needs class_labels [B] (use {self.null_class_label} for 'no class')")
         class_labels = jnp.asarray(class_labels)
@@ -520,9 +471,9 @@ class DiT(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         deterministic = not train
 
-        h, (gh, gw) = _patch_embed(self, x)
+        h, (gh, gw) = patch_embed(self, x)
         t_freq = timestep_embedding(t, TIME_FREQ_DIM, flip_sin_to_cos=True, downscale_freq_shift=1)
-        block_cls = _block_class(DiTBlock, self.remat, 4)
+        block_cls = block_class(DiTBlock, self.remat, 4)
         cond = None
         for i in range(self.num_layers):
             h, emb = block_cls(
@@ -544,266 +495,15 @@ class DiT(nn.Module):
         zeros = nn.initializers.zeros_init()
         mod = P.dense(2 * d, kernel_init=zeros, name="proj_out_1", **kw)(nn.silu(cond))
         shift, scale = jnp.split(mod[:, None, :], 2, axis=-1)
-        h = _modulate(_layer_norm(1e-6, False, self.param_dtype, "norm_out")(h), shift, scale, self.dtype)
+        h = modulate(layer_norm_f32(1e-6, False, self.param_dtype, "norm_out")(h), shift, scale, self.dtype)
         c = self.output_channels
         h = P.dense(self.patch_size**2 * c, kernel_init=zeros, name="proj_out_2", **kw)(h)
         return unpatchify(h, gh, gw, self.patch_size, c)
 
 
-class PixArtDiT(nn.Module):
-    """Text-conditioned DiT of PixArt-alpha with diffusers ``PixArtTransformer2DModel`` structure,
-    names and config (loads/exports its folders through ``ldm_jax.interop.diffusers_dit``).
-
-    ``apply(params, x, t, context, train=False, context_mask=None, resolution=None, aspect_ratio=None)``:
-      x [B, H, W, in_channels] (NHWC), t [B] or scalar, context [B, S, caption_channels] (or
-      [B, S, cross_attention_dim] without a caption projection), context_mask [B, S] (1 = real token)
-      or None; with ``use_additional_conditions`` also resolution [B, 2] (height, width) and
-      aspect_ratio [B, 1] (PixArt-alpha 1024's micro-conditions) -> [B, H, W, out_channels].
-    ``class_labels`` is accepted for the common denoiser signature and must be None.
-
-    ``interpolation_scale=None`` and ``use_additional_conditions=None`` resolve as diffusers does
-    (``max(sample_size // 64, 1)``; ``sample_size == 128``). ``num_embeds_ada_norm`` only travels
-    with the config (diffusers requires it, the network does not use it).
-    """
-
-    sample_size: int = 128
-    patch_size: int = 2
-    in_channels: int = 4
-    out_channels: int | None = 8
-    num_layers: int = 28
-    num_attention_heads: int = 16
-    attention_head_dim: int = 72
-    cross_attention_dim: int = 1152
-    caption_channels: int | None = None
-    dropout: float = 0.0
-    attention_bias: bool = True
-    activation_fn: str = "gelu-approximate"
-    norm_elementwise_affine: bool = False
-    norm_eps: float = 1e-6
-    interpolation_scale: float | None = None
-    use_additional_conditions: bool | None = None
-    num_embeds_ada_norm: int | None = 1000
-    attention: str = "auto"
-    remat: bool = False
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    def __post_init__(self):
-        super().__post_init__()
-        _check_structure(self)
-        inner = self.num_attention_heads * self.attention_head_dim
-        if not isinstance(self.cross_attention_dim, int) or self.cross_attention_dim < 1:
-            raise ValueError(f"cross_attention_dim={self.cross_attention_dim!r} must be a positive int")
-        if self.caption_channels is not None and self.cross_attention_dim != inner:
-            raise ValueError(
-                f"with caption_channels={self.caption_channels} the context is projected to the model width "
-                f"{inner}, so cross_attention_dim={self.cross_attention_dim} must equal it"
-            )
-        if self.additional_conditions and inner % 3:
-            raise ValueError(f"use_additional_conditions needs a model width divisible by 3, got {inner}")
-        if self.num_embeds_ada_norm is None:
-            raise ValueError("num_embeds_ada_norm must be set (diffusers refuses None for PixArt)")
-
-    @property
-    def resolved_interpolation_scale(self) -> float:
-        if self.interpolation_scale is not None:
-            return self.interpolation_scale
-        return max(self.sample_size // 64, 1)
-
-    @property
-    def additional_conditions(self) -> bool:
-        if self.use_additional_conditions is not None:
-            return self.use_additional_conditions
-        return self.sample_size == 128
-
-    @property
-    def output_channels(self) -> int:
-        return self.out_channels or self.in_channels
-
-    @property
-    def context_dim(self) -> int:
-        """Feature size of the ``context`` this model takes."""
-        return self.caption_channels if self.caption_channels is not None else self.cross_attention_dim
-
-    @property
-    def null_class_label(self) -> None:
-        return None
-
-    @property
-    def downsample_factor(self) -> int:
-        return self.patch_size
-
-    @property
-    def uses_cross_attention(self) -> bool:
-        return True
-
-    def dummy_inputs(self, batch_size: int = 1, spatial: int | None = None) -> dict[str, Any]:
-        s = spatial or self.patch_size
-        out = dict(
-            x=jnp.zeros((batch_size, s, s, self.in_channels), jnp.float32),
-            t=jnp.zeros((batch_size,), jnp.float32),
-            context=jnp.zeros((batch_size, 1, self.context_dim), jnp.float32),
-        )
-        if self.additional_conditions:
-            out["resolution"] = jnp.zeros((batch_size, 2), jnp.float32)
-            out["aspect_ratio"] = jnp.zeros((batch_size, 1), jnp.float32)
-        return out
-
-    @classmethod
-    def from_diffusers_config(cls, config: Mapping[str, Any], **overrides) -> "PixArtDiT":
-        """Build from a diffusers ``PixArtTransformer2DModel`` config (or a legacy ``Transformer2DModel``
-        one with ``norm_type="ada_norm_single"``)."""
-        return cls(**pixart_config_to_kwargs(config), **overrides)
-
-    def to_diffusers_config(self) -> dict[str, Any]:
-        """A ``config.json`` dict that ``PixArtTransformer2DModel.from_config`` builds the same network from."""
-        return {
-            "_class_name": "PixArtTransformer2DModel",
-            "num_attention_heads": self.num_attention_heads,
-            "attention_head_dim": self.attention_head_dim,
-            "in_channels": self.in_channels,
-            "out_channels": self.output_channels,
-            "num_layers": self.num_layers,
-            "dropout": self.dropout,
-            "norm_num_groups": 32,
-            "cross_attention_dim": self.cross_attention_dim,
-            "attention_bias": self.attention_bias,
-            "sample_size": self.sample_size,
-            "patch_size": self.patch_size,
-            "activation_fn": self.activation_fn,
-            "num_embeds_ada_norm": self.num_embeds_ada_norm,
-            "upcast_attention": False,
-            "norm_type": "ada_norm_single",
-            "norm_elementwise_affine": self.norm_elementwise_affine,
-            "norm_eps": self.norm_eps,
-            # as given (None = diffusers' own default rule, which resolved_* mirrors)
-            "interpolation_scale": self.interpolation_scale,
-            "use_additional_conditions": self.use_additional_conditions,
-            "caption_channels": self.caption_channels,
-            "attention_type": "default",
-        }
-
-    @nn.compact
-    def __call__(
-        self, x, t, context=None, class_labels=None, train: bool = False, *,
-        context_mask=None, resolution=None, aspect_ratio=None,
-    ):
-        t = _check_x_t(self, x, t)
-        b = x.shape[0]
-        if class_labels is not None:
-            raise ValueError("PixArtDiT is text-conditioned and takes no class_labels; use DiT for classes")
-        if context is None or context.ndim != 3 or context.shape[0] != b or context.shape[-1] != self.context_dim:
-            shape = None if context is None else context.shape
-            raise ValueError(f"context must be [B={b}, S, {self.context_dim}], got {shape}")
-        if context_mask is not None and jnp.shape(context_mask) != context.shape[:2]:
-            raise ValueError(f"context_mask must be [B, S]={context.shape[:2]}, got {jnp.shape(context_mask)}")
-        if self.additional_conditions:
-            if resolution is None or aspect_ratio is None:
-                raise ValueError("this PixArtDiT uses additional conditions: pass resolution [B, 2] and aspect_ratio [B, 1]")
-            if jnp.shape(resolution) != (b, 2) or jnp.shape(aspect_ratio) != (b, 1):
-                raise ValueError(
-                    f"resolution must be [B={b}, 2] and aspect_ratio [B, 1], "
-                    f"got {jnp.shape(resolution)} and {jnp.shape(aspect_ratio)}"
-                )
-        elif resolution is not None or aspect_ratio is not None:
-            raise ValueError("resolution/aspect_ratio given but use_additional_conditions is off")
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        deterministic = not train
-
-        h, (gh, gw) = _patch_embed(self, x)
-        d = h.shape[-1]
-        modulation, emb = AdaLayerNormSingle(self.additional_conditions, name="adaln_single", **kw)(
-            t, resolution, aspect_ratio, d
-        )
-        context = context.astype(self.dtype)
-        if self.caption_channels is not None:
-            context = CaptionProjection(d, name="caption_projection", **kw)(context)
-
-        block_cls = _block_class(PixArtBlock, self.remat, 5)
-        for i in range(self.num_layers):
-            h = block_cls(
-                heads=self.num_attention_heads,
-                head_dim=self.attention_head_dim,
-                attention_bias=self.attention_bias,
-                activation_fn=self.activation_fn,
-                norm_elementwise_affine=self.norm_elementwise_affine,
-                norm_eps=self.norm_eps,
-                dropout=self.dropout,
-                attention=self.attention,
-                name=f"transformer_blocks_{i}",
-                **kw,
-            )(h, modulation, context, context_mask, deterministic)
-
-        table = self.param(
-            "scale_shift_table",
-            nn.with_logical_partitioning(nn.initializers.normal(stddev=d**-0.5), MODULATION_TABLE),
-            (2, d),
-            self.param_dtype,
-        )
-        mod = table[None].astype(jnp.float32) + emb[:, None, :].astype(jnp.float32)
-        shift, scale = jnp.split(mod, 2, axis=1)  # [B, 1, D] each
-        h = _modulate(_layer_norm(1e-6, False, self.param_dtype, "norm_out")(h), shift, scale, self.dtype)
-        c = self.output_channels
-        h = P.dense(self.patch_size**2 * c, kernel_init=nn.initializers.zeros_init(), name="proj_out", **kw)(h)
-        return unpatchify(h, gh, gw, self.patch_size, c)
-
-
-class TimestepSizeEmbedding(nn.Module):
-    """diffusers ``PixArtAlphaCombinedTimestepSizeEmbeddings``: ``timestep_embedder`` of t's 256
-    sinusoidal features (shift 0), plus, with ``additional_conditions``, the concatenated embeddings
-    of the (height, width) ``resolution`` [B, 2] and ``aspect_ratio`` [B, 1], D/3 wide per scalar."""
-
-    additional_conditions: bool
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, t, resolution, aspect_ratio, features: int):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        freq = lambda v: timestep_embedding(  # noqa: E731
-            jnp.asarray(v).reshape(-1), TIME_FREQ_DIM, flip_sin_to_cos=True, downscale_freq_shift=0
-        ).astype(self.dtype)
-        emb = TimestepEmbedding(features, name="timestep_embedder", **kw)(freq(t))
-        if not self.additional_conditions:
-            return emb
-        b = emb.shape[0]
-        res = TimestepEmbedding(features // 3, name="resolution_embedder", **kw)(freq(resolution)).reshape(b, -1)
-        ar = TimestepEmbedding(features // 3, name="aspect_ratio_embedder", **kw)(freq(aspect_ratio)).reshape(b, -1)
-        return emb + jnp.concatenate([res, ar], axis=-1)
-
-
-class AdaLayerNormSingle(nn.Module):
-    """diffusers ``AdaLayerNormSingle``: returns (``linear(silu(emb))`` [B, 6*D] shared by every block,
-    ``emb`` [B, D] for the final layer)."""
-
-    additional_conditions: bool
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, t, resolution, aspect_ratio, features: int):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        emb = TimestepSizeEmbedding(self.additional_conditions, name="emb", **kw)(t, resolution, aspect_ratio, features)
-        return P.dense(6 * features, name="linear", **kw)(nn.silu(emb)), emb
-
-
-class CaptionProjection(nn.Module):
-    """diffusers ``PixArtAlphaTextProjection``: ``linear_2(gelu_tanh(linear_1(caption)))``, [B, S, C] -> [B, S, D]."""
-
-    features: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, caption):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = P.dense(self.features, name="linear_1", **kw)(caption)
-        return P.dense(self.features, name="linear_2", **kw)(jax.nn.gelu(h, approximate=True))
-
-
 # --------------------------------------------------------------------- diffusers config parsing
 
-_COMMON_KEYS = (
+COMMON_CONFIG_KEYS = (
     "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "num_layers", "dropout",
     "attention_bias", "sample_size", "patch_size", "activation_fn", "norm_elementwise_affine", "norm_eps",
 )
@@ -819,7 +519,7 @@ _LEGACY_ONLY_VALUES: dict[str, tuple] = {
 _IRRELEVANT_KEYS = ("norm_num_groups", "use_linear_projection", "upcast_attention")
 
 
-def _parse(
+def parse_diffusers_config(
     config: Mapping[str, Any], class_name: str, norm_type: str, keys: tuple, only: dict, ignore: tuple = ()
 ) -> dict[str, Any]:
     name = config.get("_class_name", class_name)
@@ -847,24 +547,18 @@ def dit_config_to_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
     """:class:`DiT` keyword arguments from a diffusers ``DiTTransformer2DModel`` (or legacy
     ``Transformer2DModel`` with ``norm_type="ada_norm_zero"``) config dict."""
     legacy = config.get("_class_name") == "Transformer2DModel"
-    keys = _COMMON_KEYS + ("num_embeds_ada_norm",) + (("interpolation_scale",) if legacy else ())
+    keys = COMMON_CONFIG_KEYS + ("num_embeds_ada_norm",) + (("interpolation_scale",) if legacy else ())
     only = {"cross_attention_dim": (None,), "caption_channels": (None,)} if legacy else {}
     # use_additional_conditions only acts with norm_type="ada_norm_single".
-    kwargs = _parse(config, "DiTTransformer2DModel", "ada_norm_zero", keys, only, ignore=("use_additional_conditions",))
+    kwargs = parse_diffusers_config(
+        config, "DiTTransformer2DModel", "ada_norm_zero", keys, only, ignore=("use_additional_conditions",)
+    )
     if "num_embeds_ada_norm" in kwargs:
         kwargs["num_classes"] = kwargs.pop("num_embeds_ada_norm")
     if legacy:
         # Transformer2DModel's PatchEmbed rescales positions like PixArt; DiTTransformer2DModel never does.
         scale = kwargs.pop("interpolation_scale", None)
-        kwargs["interpolation_scale"] = float(scale if scale is not None else max(config.get("sample_size", 32) // 64, 1))
+        if scale is None:
+            scale = max(config.get("sample_size", 32) // 64, 1)
+        kwargs["interpolation_scale"] = float(scale)
     return kwargs
-
-
-def pixart_config_to_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
-    """:class:`PixArtDiT` keyword arguments from a diffusers ``PixArtTransformer2DModel`` (or legacy
-    ``Transformer2DModel`` with ``norm_type="ada_norm_single"``) config dict."""
-    keys = _COMMON_KEYS + (
-        "cross_attention_dim", "caption_channels", "interpolation_scale", "use_additional_conditions",
-        "num_embeds_ada_norm",
-    )
-    return _parse(config, "PixArtTransformer2DModel", "ada_norm_single", keys, {"attention_type": ("default", None)})
