@@ -27,8 +27,8 @@ from ldm_jax.interop.diffusers_dit import (
     save_diffusers_dit,
 )
 from ldm_jax.interop.torch_weights import WeightsError
-from ldm_jax.models.dit import DiT, attend, sincos_pos_embed_2d, unpatchify
-from ldm_jax.models.pixart import PixArtDiT
+from ldm_jax.models.dit import DIT_XL_2_256_CONFIG, DiT, attend, dit_config, sincos_pos_embed_2d, unpatchify
+from ldm_jax.models.pixart import PIXART_XL_2_512_CONFIG, PixArtDiT
 
 # Learned-sigma DiT as the brief's tiny config: 8x8 latents, patch 2, 2 layers of 2 heads x 8.
 DIT_TINY = dict(
@@ -54,15 +54,6 @@ PIXART_PLAIN = dict(
 )
 DIT_CONFIGS = {"dit_learned_sigma": DIT_TINY, "dit_variant": DIT_VARIANT}
 PIXART_CONFIGS = {"pixart_caption": PIXART_CAPTION, "pixart_plain": PIXART_PLAIN}
-
-# facebook/DiT-XL-2-256 (transformer/config.json, model-defining keys).
-DIT_XL_2 = dict(
-    sample_size=32, patch_size=2, num_layers=28, num_attention_heads=16, attention_head_dim=72,
-    in_channels=4, out_channels=8, num_embeds_ada_norm=1000,
-)
-# PixArt-alpha/PixArt-XL-2-512x512 (transformer/config.json, model-defining keys).
-PIXART_XL_2_512 = dict(sample_size=64, num_layers=28, caption_channels=4096, cross_attention_dim=1152)
-
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:
     """Move norms off 1 and biases / modulation tables off their init, so a swapped chunk, a dropped
@@ -256,8 +247,8 @@ def xl_abstract():
     """name -> (our boxed abstract variables, diffusers model class, config)."""
     out = {}
     for name, cls, ref_cls, cfg in (
-        ("DiT-XL/2", DiT, DiTTransformer2DModel, DIT_XL_2),
-        ("PixArt-XL/2-512", PixArtDiT, PixArtTransformer2DModel, PIXART_XL_2_512),
+        ("DiT-XL/2", DiT, DiTTransformer2DModel, DIT_XL_2_256_CONFIG),
+        ("PixArt-XL/2-512", PixArtDiT, PixArtTransformer2DModel, PIXART_XL_2_512_CONFIG),
     ):
         module = cls.from_diffusers_config(cfg)
         boxed = jax.eval_shape(lambda m=module: m.init(jax.random.PRNGKey(0), **m.dummy_inputs()))
@@ -274,6 +265,16 @@ def test_xl_param_count_matches_diffusers(xl_abstract, name, known):
     theirs = sum(p.numel() for p in reference_model.parameters())
     print(f"{name}: {ours:,} parameters (diffusers {theirs:,})")
     assert ours == theirs == known
+
+
+def test_dit_size_presets_match_the_paper_table():
+    # Peebles & Xie 2023, Table 1: (layers, hidden size, heads) and Gflops-relevant shapes; XL/2 is
+    # exactly the facebook/DiT-XL-2-256 config.
+    assert dit_config("DiT-XL/2") == DIT_XL_2_256_CONFIG
+    small = DiT.from_diffusers_config(dit_config("DiT-S/4", sample_size=8))
+    assert (small.num_layers, small.num_attention_heads * small.attention_head_dim, small.patch_size) == (12, 384, 4)
+    with pytest.raises(ValueError, match="DiT-M/2"):
+        dit_config("DiT-M/2")
 
 
 def test_every_param_has_logical_axis_names(xl_abstract):

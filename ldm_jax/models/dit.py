@@ -354,6 +354,47 @@ def block_class(cls, remat: bool, deterministic_argnum: int):
     return nn.remat(cls, static_argnums=(deterministic_argnum,)) if remat else cls
 
 
+# The paper's model sizes (Peebles & Xie 2023, Table 1): name -> (num_layers, width, heads); the
+# "/p" suffix is the patch size. Head width is width / heads (64 for every size but XL's 72).
+DIT_SIZES: dict[str, tuple[int, int, int]] = {
+    "DiT-S": (12, 384, 6),
+    "DiT-B": (12, 768, 12),
+    "DiT-L": (24, 1024, 16),
+    "DiT-XL": (28, 1152, 16),
+}
+
+# facebook/DiT-XL-2-256 (transformer/config.json, model-defining keys): 32x32x4 SD-VAE latents,
+# 1000 ImageNet classes, learned sigma.
+DIT_XL_2_256_CONFIG: dict[str, Any] = {
+    "sample_size": 32,
+    "patch_size": 2,
+    "in_channels": 4,
+    "out_channels": 8,
+    "num_layers": 28,
+    "num_attention_heads": 16,
+    "attention_head_dim": 72,
+    "num_embeds_ada_norm": 1000,
+}
+
+
+def dit_config(name: str, **overrides) -> dict[str, Any]:
+    """A diffusers ``DiTTransformer2DModel`` config for a paper size, e.g. ``dit_config("DiT-S/2",
+    sample_size=8, num_embeds_ada_norm=10)``; defaults are those of DiT-XL-2-256 (4 latent
+    channels, learned sigma, 1000 classes). Build with ``DiT.from_diffusers_config``."""
+    size, _, patch = name.partition("/")
+    if size not in DIT_SIZES or not patch.isdigit():
+        raise ValueError(f"unknown DiT size {name!r}; known: {[f'{k}/<patch>' for k in DIT_SIZES]}")
+    layers, width, heads = DIT_SIZES[size]
+    config = {
+        **DIT_XL_2_256_CONFIG,
+        "patch_size": int(patch),
+        "num_layers": layers,
+        "num_attention_heads": heads,
+        "attention_head_dim": width // heads,
+    }
+    return {**config, **overrides}
+
+
 class DiT(nn.Module):
     """Class-conditional DiT with diffusers ``DiTTransformer2DModel`` structure, names and config.
 

@@ -93,6 +93,18 @@ class PixArtBlock(nn.Module):
         return x + gate_mlp.astype(self.dtype) * ff(h, deterministic)
 
 
+# PixArt-alpha/PixArt-XL-2-512x512 (transformer/config.json, model-defining keys): T5-XXL captions.
+PIXART_XL_2_512_CONFIG: dict[str, Any] = {
+    "sample_size": 64,
+    "num_layers": 28,
+    "num_attention_heads": 16,
+    "attention_head_dim": 72,
+    "in_channels": 4,
+    "out_channels": 8,
+    "caption_channels": 4096,
+    "cross_attention_dim": 1152,
+}
+
 
 class PixArtDiT(nn.Module):
     """Text-conditioned DiT of PixArt-alpha with diffusers ``PixArtTransformer2DModel`` structure,
