@@ -563,6 +563,9 @@ _IRRELEVANT_KEYS = ("norm_num_groups", "use_linear_projection", "upcast_attentio
 def parse_diffusers_config(
     config: Mapping[str, Any], class_name: str, norm_type: str, keys: tuple, only: dict, ignore: tuple = ()
 ) -> dict[str, Any]:
+    """The ``keys`` of a diffusers ``class_name`` (or legacy ``Transformer2DModel``) config, checked:
+    keys in ``only`` must hold one of their listed values, ``ignore``d and "_" keys are skipped,
+    anything else raises ValueError naming the key (never silently dropped)."""
     name = config.get("_class_name", class_name)
     legacy = name == "Transformer2DModel"
     if name != class_name and not legacy:
