@@ -132,8 +132,14 @@ class _Toy(nn.Module):
 def toy():
     model = _Toy()
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 4, 4, 3))
-    boxed = model.init(jax.random.PRNGKey(0), x)["params"]
-    return dict(model=model, x=x, boxed=boxed, params=nn.meta.unbox(boxed))
+    # Abstract init + NumPy values: no compiled init program (slow to build on a loaded CPU).
+    boxed = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)["params"]
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(
+        lambda s: jnp.asarray(rng.standard_normal(s.shape, np.float32) / math.sqrt(math.prod(s.shape[:-1]) or 1)),
+        nn.meta.unbox(boxed),
+    )
+    return dict(model=model, x=x, boxed=boxed, params=params)
 
 
 def test_init_matches_peft_kaiming_uniform_bounds_and_zero_b(ref):
