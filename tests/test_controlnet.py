@@ -139,8 +139,10 @@ def test_controlnet_from_unet_copies_like_diffusers_and_starts_at_zero(ref):
     assert mine.keys() == their_sd.keys()
     for k, v in their_sd.items():
         if k.startswith("controlnet_cond_embedding.") and not k.startswith("controlnet_cond_embedding.conv_out"):
-            # freshly initialised (biases start at zero here, torch's default is small uniform)
-            assert mine[k].shape == v.shape and (k.endswith(".bias") or np.abs(mine[k]).max() > 0)
+            # torch's default Conv2d init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as diffusers leaves them
+            fan_in = np.prod(v.shape[1:]) if v.ndim == 4 else np.prod(their_sd[k[:-5] + ".weight"].shape[1:])
+            assert mine[k].shape == v.shape
+            assert 0.5 / np.sqrt(fan_in) < np.abs(mine[k]).max() <= 1 / np.sqrt(fan_in), k
         else:  # copied from the U-Net, or zero convolutions
             np.testing.assert_array_equal(mine[k], v, err_msg=k)
     # zero convolutions equal diffusers' zeros above, so the fresh ControlNet adds nothing to the U-Net

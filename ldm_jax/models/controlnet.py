@@ -23,6 +23,8 @@ feed it.
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -295,30 +297,46 @@ def sum_residuals(outputs: Sequence[tuple[Sequence[jax.Array], jax.Array]]):
     return tuple(down), mid
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _torch_default_init(key, shapes):
+    """torch's default Conv2d init (what diffusers' from_unet leaves on the conditioning
+    embedding): weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = in * kh * kw.
+    Biases follow their kernel in ``shapes`` (sorted paths: ``bias`` before ``kernel``)."""
+    u = jax.random.uniform(key, (sum(math.prod(s) for s in shapes),), jnp.float32, -1.0, 1.0)
+    fan_in = {}
+    for i, s in enumerate(shapes):
+        if len(s) == 4:
+            fan_in[i] = math.prod(s[:-1])
+    out, offset = [], 0
+    for i, s in enumerate(shapes):
+        fan = fan_in[i] if len(s) == 4 else fan_in[i + 1]  # a bias is listed right before its kernel
+        out.append((u[offset:offset + math.prod(s)] / math.sqrt(fan)).reshape(s))
+        offset += math.prod(s)
+    return out
+
+
 def controlnet_from_unet(
     unet: UNet, unet_params, key: jax.Array, **controlnet_options
 ) -> tuple[ControlNet, dict]:
     """``(controlnet, params)`` initialised as diffusers' ``ControlNetModel.from_unet``: conv_in,
     time/class embedding, down blocks and mid block copied from ``unet_params``; zero
     convolutions (and the embedding's ``conv_out``) zero; the conditioning embedding's other
-    convs freshly initialised from ``key``."""
+    convs drawn from ``key`` with torch's default Conv2d init, as diffusers leaves them."""
     controlnet = ControlNet.from_unet(unet, **controlnet_options)
     abstract = nn.meta.unbox(jax.eval_shape(lambda: controlnet.init(jax.random.PRNGKey(0), **controlnet.dummy_inputs())))
     abstract = abstract["params"]
-    embedding = ControlNetConditioningEmbedding(
-        unet.block_out_channels[0], tuple(controlnet.conditioning_embedding_out_channels),
-        dtype=controlnet.dtype, param_dtype=controlnet.param_dtype,
+    emb_paths = tuple(
+        (p, tuple(leaf.shape)) for p, leaf in sorted(traverse_util.flatten_dict(abstract).items())
+        if p[0] == "controlnet_cond_embedding"
     )
-    dummy = controlnet.dummy_inputs()["control_image"]
-    embedding_params = nn.meta.unbox(jax.jit(embedding.init)(key, dummy))["params"]
+    emb_flat = dict(zip((p for p, _ in emb_paths), _torch_default_init(key, tuple(s for _, s in emb_paths))))
     src = traverse_util.flatten_dict(nn.meta.unbox(unet_params))
-    emb_flat = traverse_util.flatten_dict(embedding_params)
     out = {}
     for path, leaf in traverse_util.flatten_dict(abstract).items():
         if path[0].startswith(_COPIED_FROM_UNET):
             value = src[path]
-        elif path[0] == "controlnet_cond_embedding":
-            value = emb_flat[path[1:]]
+        elif path[0] == "controlnet_cond_embedding" and path[1] != "conv_out":
+            value = emb_flat[path]
         else:  # zero convolutions
             value = jnp.zeros(leaf.shape, leaf.dtype)
         if tuple(value.shape) != tuple(leaf.shape):
