@@ -398,7 +398,8 @@ def test_text_encoder_lora_matches_transformers_peft(tmp_path):
                          num_attention_heads=4, max_position_embeddings=16, bos_token_id=0, eos_token_id=2, pad_token_id=1)
     model = CLIPTextModel(hf_config).eval()
     config = CLIPTextConfig.from_dict(hf_config.to_dict())
-    params = params_from_state_dict({k: v.numpy() for k, v in model.state_dict().items()}, config)
+    base_state = copy.deepcopy(model.state_dict())
+    params = params_from_state_dict({k: v.numpy() for k, v in base_state.items()}, config)
     ids = np.random.default_rng(0).integers(3, 99, (2, 16))
     with torch.no_grad():
         base = model(torch.from_numpy(ids)).last_hidden_state.numpy()
@@ -420,3 +421,16 @@ def test_text_encoder_lora_matches_transformers_peft(tmp_path):
     print(f"text encoder LoRA: max relative error {err:.2e}, effect {_rel_err(base, want):.2e}")
     assert _rel_err(base, want) > 1e-2
     assert err <= 1e-5
+
+    # ...and our writers: the same LoRA saved by us loads into a fresh transformers model in diffusers
+    for fmt in ("diffusers", "kohya"):
+        folder = tmp_path / fmt
+        save_lora(folder, {"text_encoder": lora}, format=fmt)
+        fresh = CLIPTextModel(hf_config).eval()
+        fresh.load_state_dict(base_state)
+        state_dict, alphas, metadata = LoraLoader.lora_state_dict(str(folder), return_lora_metadata=True)
+        LoraLoader.load_lora_into_text_encoder(state_dict, alphas, fresh, prefix="text_encoder", metadata=metadata)
+        with torch.no_grad():
+            again = fresh(torch.from_numpy(ids)).last_hidden_state.numpy()
+        print(f"text encoder LoRA written as {fmt}, read by diffusers: max relative error {_rel_err(again, want):.2e}")
+        assert _rel_err(again, want) <= 1e-5

@@ -340,13 +340,19 @@ def lora_to_state_dict(loras: Mapping[str, Lora], format: str = "diffusers") -> 
             alphas[module] = float(s * a.shape[0])
         r = collections.Counter(ranks.values()).most_common(1)[0][0]
         alpha = collections.Counter(v for m, v in alphas.items() if ranks[m] == r).most_common(1)[0][0]
-        # "^name" anchors peft's pattern match to the whole module name (peft PR 2419).
+        # Metadata names: "^name" anchors peft's pattern match to the whole module name (peft
+        # PR 2419). A text encoder's modules are named "text_model.encoder..." in transformers 4
+        # and "encoder..." in 5 (diffusers strips the prefix from keys, not from metadata), so
+        # there the names go without the prefix and unanchored: a suffix match in both.
+        prefix = _MODULE_PREFIX.get(component, "")
+        anchor = "" if prefix else "^"
+        short = lambda m: m[len(prefix):] if prefix and m.startswith(prefix) else m  # noqa: E731
         config = {
             "r": r,
             "lora_alpha": alpha,
-            "rank_pattern": {f"^{m}": v for m, v in ranks.items() if v != r},
-            "alpha_pattern": {f"^{m}": v for m, v in alphas.items() if v != alpha},
-            "target_modules": sorted(ranks),
+            "rank_pattern": {f"{anchor}{short(m)}": v for m, v in ranks.items() if v != r},
+            "alpha_pattern": {f"{anchor}{short(m)}": v for m, v in alphas.items() if v != alpha},
+            "target_modules": sorted(short(m) for m in ranks),
             "use_rslora": False,
             "lora_dropout": 0.0,
             "init_lora_weights": True,
