@@ -116,7 +116,9 @@ def test_several_controlnets_injected_into_unet_match_diffusers(ref):
                               [torch.from_numpy(c) for c in ref["conds"]], scales, return_dict=False)
         want = ref["unet_t"](torch.from_numpy(ref["x"]), torch.from_numpy(ref["t"]), torch.from_numpy(ref["ctx"]),
                              down_block_additional_residuals=down_t, mid_block_additional_residual=mid_t).sample
-        plain = ref["unet_t"](torch.from_numpy(ref["x"]), torch.from_numpy(ref["t"]), torch.from_numpy(ref["ctx"])).sample
+        plain = ref["unet_t"](
+            torch.from_numpy(ref["x"]), torch.from_numpy(ref["t"]), torch.from_numpy(ref["ctx"])
+        ).sample
     outputs = []
     for (_, _, (controlnet, params)), cond, s in zip(ref["nets"], ref["conds"], scales):
         outputs.append(ref["cn_fwd"](controlnet, params, j(ref["x"]), j(ref["t"]), j(ref["ctx"]), j(cond), s))

@@ -82,11 +82,13 @@ def ref():
 
     def ours(lora):
         """Our U-Net output with ``lora`` merged (one compiled U-Net for every LoRA)."""
-        return np.asarray(fwd(merge(params, lora), jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t), jnp.asarray(ctx)))
+        x_nhwc = jnp.asarray(x.transpose(0, 2, 3, 1))
+        return np.asarray(fwd(merge(params, lora), x_nhwc, jnp.asarray(t), jnp.asarray(ctx)))
 
     def theirs(m):
         with torch.no_grad():
-            return m(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx)).sample.numpy().transpose(0, 2, 3, 1)
+            out = m(torch.from_numpy(x), torch.from_numpy(t), torch.from_numpy(ctx)).sample
+        return out.numpy().transpose(0, 2, 3, 1)
 
     return dict(model=model, unet=unet, params=params, ours=ours, theirs=theirs, base_out=theirs(model))
 
@@ -103,7 +105,8 @@ def _random_lora(params, config, seed) -> L.Lora:
     lora = L.init_lora(jax.random.PRNGKey(seed), params, config)
     rng = np.random.default_rng(seed)
     factors = {
-        p: (jnp.asarray(0.3 * rng.standard_normal(v.shape, np.float32) / math.sqrt(v.shape[-2])) if p[-1] == L.LORA_B else v)
+        p: jnp.asarray(0.3 * rng.standard_normal(v.shape, np.float32) / math.sqrt(v.shape[-2]))
+        if p[-1] == L.LORA_B else v
         for p, v in traverse_util.flatten_dict(lora.factors).items()
     }
     return lora.replace(factors=traverse_util.unflatten_dict(factors))
@@ -248,7 +251,8 @@ def peft_file(ref, tmp_path_factory):
     non-zero A and B, saved with diffusers' save_lora_weights; plus the adapted model's output."""
     model = copy.deepcopy(ref["model"])
     config = PeftLoraConfig(
-        r=4, lora_alpha=8, target_modules=TARGETS, rank_pattern={"^mid_block.attentions.0.transformer_blocks.0.attn2.to_k": 2}
+        r=4, lora_alpha=8, target_modules=TARGETS,
+        rank_pattern={"^mid_block.attentions.0.transformer_blocks.0.attn2.to_k": 2},
     )
     model.add_adapter(config)
     _randomize_torch(model, 7, only_lora=True)
@@ -338,7 +342,8 @@ def test_old_attention_processor_names_load_like_diffusers(ref, peft_file, tmp_p
     tensors, _ = read_lora_file(peft_file["folder"])
     old = {}
     for key, value in tensors.items():
-        for proj, name in (("to_q", "to_q_lora"), ("to_k", "to_k_lora"), ("to_v", "to_v_lora"), ("to_out.0", "to_out_lora")):
+        for proj, name in (("to_q", "to_q_lora"), ("to_k", "to_k_lora"), ("to_v", "to_v_lora"),
+                           ("to_out.0", "to_out_lora")):
             for attn in ("attn1", "attn2"):
                 for ab, du in (("lora_A", "down"), ("lora_B", "up")):
                     src = f".{attn}.{proj}.{ab}.weight"
@@ -395,7 +400,8 @@ def test_text_encoder_lora_matches_transformers_peft(tmp_path):
 
     torch.manual_seed(0)
     hf_config = HFConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=16, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+                         num_attention_heads=4, max_position_embeddings=16, bos_token_id=0, eos_token_id=2,
+                         pad_token_id=1)
     model = CLIPTextModel(hf_config).eval()
     config = CLIPTextConfig.from_dict(hf_config.to_dict())
     base_state = copy.deepcopy(model.state_dict())

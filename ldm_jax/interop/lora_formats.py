@@ -214,7 +214,8 @@ def _read_kohya(tensors, components, source) -> dict[str, Lora]:
                                "LyCORIS and DoRA tensors are not supported)")
         if name not in names:
             comp = next((c for p, c in prefix_of.items() if name.startswith(p)), "?")
-            hint = " (SDXL sgm-style names are not supported)" if "input_blocks" in name or "output_blocks" in name else ""
+            sgm = "input_blocks" in name or "output_blocks" in name
+            hint = " (SDXL sgm-style names are not supported)" if sgm else ""
             if comp not in components:
                 raise WeightsError(f"LoRA key {key!r} in {source} is for the {comp}, which was not given{hint}")
             raise WeightsError(f"LoRA key {key!r} in {source} names no Dense/Conv layer of the {comp}{hint}")

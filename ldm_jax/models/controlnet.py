@@ -140,7 +140,8 @@ class ControlNet(nn.Module):
         """A U-Net with the same encoder (up blocks mirrored): resolves per-block settings with
         the U-Net's rules, so both networks agree on heads, depths and skip counts."""
         up = tuple(
-            "CrossAttnUpBlock2D" if t == "CrossAttnDownBlock2D" else "UpBlock2D" for t in reversed(self.down_block_types)
+            "CrossAttnUpBlock2D" if t == "CrossAttnDownBlock2D" else "UpBlock2D"
+            for t in reversed(self.down_block_types)
         )
         # parent=None: a detached config object, not a submodule of this ControlNet.
         return UNet(up_block_types=up, parent=None, **{k: getattr(self, k) for k in _SHARED})
@@ -214,7 +215,9 @@ class ControlNet(nn.Module):
         want = (b, hgt * f, wid * f, self.conditioning_channels)
         if control_image is None or tuple(control_image.shape) != want:
             got = None if control_image is None else tuple(control_image.shape)
-            raise ValueError(f"control_image must be [B, H*{f}, W*{f}, {self.conditioning_channels}] = {want}, got {got}")
+            raise ValueError(
+                f"control_image must be [B, H*{f}, W*{f}, {self.conditioning_channels}] = {want}, got {got}"
+            )
         t = jnp.asarray(t)
         if t.ndim == 0:
             t = jnp.broadcast_to(t, (b,))
@@ -323,8 +326,8 @@ def controlnet_from_unet(
     convolutions (and the embedding's ``conv_out``) zero; the conditioning embedding's other
     convs drawn from ``key`` with torch's default Conv2d init, as diffusers leaves them."""
     controlnet = ControlNet.from_unet(unet, **controlnet_options)
-    abstract = nn.meta.unbox(jax.eval_shape(lambda: controlnet.init(jax.random.PRNGKey(0), **controlnet.dummy_inputs())))
-    abstract = abstract["params"]
+    boxed = jax.eval_shape(lambda: controlnet.init(jax.random.PRNGKey(0), **controlnet.dummy_inputs()))
+    abstract = nn.meta.unbox(boxed)["params"]
     emb_paths = tuple(
         (p, tuple(leaf.shape)) for p, leaf in sorted(traverse_util.flatten_dict(abstract).items())
         if p[0] == "controlnet_cond_embedding"
