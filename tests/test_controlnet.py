@@ -4,6 +4,7 @@ residual injection, on the same inputs."""
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -179,3 +180,32 @@ def test_controlnet_bad_weights_raise_weights_error_naming_the_key(ref):
     with pytest.raises(ValueError, match="control_image must be"):
         controlnet.apply({"params": traverse_util.unflatten_dict({})}, jnp.zeros((1, 8, 8, 4)), 1.0,
                          jnp.zeros((1, 3, 32)), jnp.zeros((1, 8, 8, 3)))
+
+
+def test_controlnet_on_class_conditional_unet_without_attention_starts_as_identity():
+    """The toy-LDM case (class labels with ldm_jax's null label, no cross-attention, a 4x control
+    image): a fresh ControlNet's residuals are exactly zero, so the U-Net output is unchanged;
+    the config (with num_classes) survives the diffusers config round trip."""
+    unet = UNet(block_out_channels=(8, 16), layers_per_block=1, down_block_types=("DownBlock2D",) * 2,
+                up_block_types=("UpBlock2D",) * 2, mid_block_type="UNetMidBlock2D", norm_num_groups=4,
+                num_classes=3, cross_attention_dim=None)
+    abstract = jax.eval_shape(lambda: unet.init(jax.random.PRNGKey(0), **unet.dummy_inputs()))["params"]
+    rng = np.random.default_rng(0)
+    unet_params = jax.tree.map(lambda s: jnp.asarray(0.2 * rng.standard_normal(s.shape, np.float32)),
+                               nn.meta.unbox(abstract))
+    controlnet, params = controlnet_from_unet(unet, unet_params, jax.random.PRNGKey(1),
+                                              conditioning_embedding_out_channels=(4, 8, 8), conditioning_channels=1)
+    assert ControlNet.from_diffusers_config(controlnet.to_diffusers_config()) == controlnet
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 4), np.float32))
+    labels = jnp.array([0, 3])  # 3 = the null label
+
+    @jax.jit
+    def run(cn_params, image):
+        down, mid = controlnet.apply({"params": cn_params}, x, 7.0, None, image, 1.0, class_labels=labels)
+        with_cn = unet.apply({"params": unet_params}, x, 7.0, None, labels,
+                             down_block_additional_residuals=down, mid_block_additional_residual=mid)
+        return down, with_cn, unet.apply({"params": unet_params}, x, 7.0, None, labels)
+
+    down, with_cn, plain = run(params, jnp.ones((2, 32, 32, 1)))
+    assert [d.shape for d in down] == [(2, 8, 8, 8), (2, 8, 8, 8), (2, 4, 4, 8), (2, 4, 4, 16)]
+    np.testing.assert_array_equal(np.asarray(with_cn), np.asarray(plain))
