@@ -458,7 +458,18 @@ class UNet(nn.Module):
     # ----------------------------------------------------------------- forward
 
     @nn.compact
-    def __call__(self, x, t, context=None, class_labels=None, train: bool = False):
+    def __call__(
+        self,
+        x,
+        t,
+        context=None,
+        class_labels=None,
+        train: bool = False,
+        down_block_additional_residuals=None,
+        mid_block_additional_residual=None,
+    ):
+        # The two residual arguments are ControlNet's outputs (already scaled), added as in
+        # diffusers: one per skip connection, and one to the mid-block output.
         r = self.resolved()
         n = r["n"]
         channels = r["channels"]
@@ -544,6 +555,14 @@ class UNet(nn.Module):
             )(h, emb, context, deterministic)
             skips.extend(res)
 
+        if down_block_additional_residuals is not None:
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(
+                    f"down_block_additional_residuals has {len(down_block_additional_residuals)} entries, "
+                    f"the U-Net has {len(skips)} skip connections"
+                )
+            skips = [s + res.astype(s.dtype) for s, res in zip(skips, down_block_additional_residuals)]
+
         if self.mid_block_type is not None:
             h = mid_cls(
                 has_attention=r["attn_mid"],
@@ -553,6 +572,8 @@ class UNet(nn.Module):
                 name="mid_block",
                 **block_kw,
             )(h, emb, context, deterministic)
+        if mid_block_additional_residual is not None:
+            h = h + mid_block_additional_residual.astype(h.dtype)
 
         rev_channels = channels[::-1]
         for i in range(n):
