@@ -263,5 +263,6 @@ def test_model_output_of_the_wrong_shape_raises(schedule):
         sample(lambda x, t: x, schedule, (3, 4), jax.random.key(0), num_steps=3, sampler="ddpm", variance="learned")
 
 
-def test_every_registered_sampler_is_covered():
-    assert set(SAMPLERS) == {"ddpm", "ddim", "plms", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "euler", "heun"}
+def test_every_registered_ddpm_sampler_is_covered():
+    # Flow samplers have their own closed-form tests (test_flow_samplers.py).
+    assert {name for name, spec in SAMPLERS.items() if spec.objective == "ddpm"} == {"ddpm", "ddim", "plms", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "euler", "heun"}

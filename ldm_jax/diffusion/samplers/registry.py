@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import functools
 
-from ldm_jax.diffusion.samplers import discrete, dpm_solver, karras
+from ldm_jax.diffusion.samplers import discrete, dpm_solver, flow, karras
 from ldm_jax.diffusion.samplers.base import SamplerSpec
 
 _always = lambda cfg: True  # noqa: E731
+_FLOW_OPTIONS = frozenset({"thresholding", "karras_sigmas", "mu", "image_seq_len", "sigmas"})
 
 SAMPLERS: dict[str, SamplerSpec] = {
     "ddpm": SamplerSpec(
@@ -65,5 +66,23 @@ SAMPLERS: dict[str, SamplerSpec] = {
         default_spacing="linspace",
         options=frozenset({"thresholding", "karras_sigmas"}),
         memoryless=False,
+    ),
+    # Flow matching (objective="flow": they need a FlowSchedule and refuse a DDPM one).
+    "flow_euler": SamplerSpec(
+        flow.flow_euler_plan,
+        flow.flow_euler_step,
+        default_spacing="linspace",
+        options=_FLOW_OPTIONS | {"eta"},
+        stochastic=lambda cfg: cfg.eta > 0,
+        objective="flow",
+    ),
+    "flow_heun": SamplerSpec(
+        flow.flow_heun_plan,
+        flow.flow_heun_step,
+        init_state=flow.flow_heun_init_state,
+        default_spacing="linspace",
+        options=_FLOW_OPTIONS,
+        memoryless=False,
+        objective="flow",
     ),
 }
