@@ -69,6 +69,7 @@ class SamplerConfig:
     mu: float | None = None
     image_seq_len: int | None = None
     sigmas: tuple | None = None
+    solver_type: str | None = None
 
 
 class Plan(NamedTuple):
@@ -109,6 +110,7 @@ class SamplerSpec(NamedTuple):
       options: names of the non-default options the sampler honours (others raise).
       stochastic: ``cfg -> bool``: whether ``step`` consumes noise.
       memoryless: True when ``state`` carries nothing across steps, so RePaint can jump back.
+      solver_types: the ``solver_type`` values the sampler accepts, its default first.
       objective: "ddpm" (the sampler needs a :class:`Schedule`) or "flow" (a
         :class:`~ldm_jax.diffusion.flow.FlowSchedule`).
     """
@@ -121,6 +123,7 @@ class SamplerSpec(NamedTuple):
     stochastic: Callable[[SamplerConfig], bool] = lambda cfg: False
     memoryless: bool = True
     objective: str = "ddpm"
+    solver_types: tuple = ()
 
 
 def eps_and_x0(model_output, x_vp, a, b, prediction: str):

@@ -158,6 +158,10 @@ def resolve_sampler(sampler: str | SamplerSpec, schedule, **options) -> tuple[Sa
         raise ValueError(f"threshold_max={threshold_max!r} is out of range for {thresholding!r} thresholding")
     if thresholding == "dynamic" and not 0.0 < opts["threshold_percentile"] <= 1.0:
         raise ValueError(f"threshold_percentile must be in (0, 1], got {opts['threshold_percentile']!r}")
+    if spec.solver_types:
+        opts["solver_type"] = spec.solver_types[0] if opts["solver_type"] is None else opts["solver_type"]
+        if opts["solver_type"] not in spec.solver_types:
+            raise ValueError(f"unknown solver_type {opts['solver_type']!r} for sampler {name}; expected one of {spec.solver_types}")
     if flow and schedule.dynamic_shifting and opts["mu"] is None and opts["image_seq_len"] is None:
         raise ValueError("this flow schedule uses dynamic shifting: pass mu or image_seq_len to the sampler")
     if opts["image_seq_len"] is not None:

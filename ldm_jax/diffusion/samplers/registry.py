@@ -67,6 +67,22 @@ SAMPLERS: dict[str, SamplerSpec] = {
         options=frozenset({"thresholding", "karras_sigmas"}),
         memoryless=False,
     ),
+    "euler_ancestral": SamplerSpec(
+        karras.euler_ancestral_plan,
+        karras.euler_ancestral_step,
+        default_spacing="linspace",
+        options=frozenset({"thresholding"}),
+        stochastic=_always,
+    ),
+    "dpmpp_2s": SamplerSpec(
+        dpm_solver.dpm_singlestep_plan,
+        dpm_solver.dpm_singlestep_step,
+        init_state=dpm_solver.dpm_singlestep_init_state,
+        default_spacing="linspace",
+        options=frozenset({"thresholding", "karras_sigmas", "solver_type"}),
+        memoryless=False,
+        solver_types=("midpoint", "heun"),
+    ),
     # Flow matching (objective="flow": they need a FlowSchedule and refuse a DDPM one).
     "flow_euler": SamplerSpec(
         flow.flow_euler_plan,

