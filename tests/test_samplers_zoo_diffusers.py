@@ -73,3 +73,15 @@ def test_dpmpp_2s_matches_diffusers_singlestep_order_2(schedule, x_T, num_steps,
     ours = run_ours(schedule, x_T, key, sampler="dpmpp_2s", num_steps=num_steps, karras_sigmas=karras,
                     solver_type=solver_type, prediction=prediction)
     print(f"dpmpp_2s {num_steps} karras={karras} {solver_type}: {assert_same_run(ours, theirs):.2e}")
+
+
+@pytest.mark.parametrize("num_steps,original,prediction,clip", [(4, 50, "eps", False), (8, 50, "v", True), (25, 100, "eps", False)])
+def test_lcm_matches_diffusers_lcm_scheduler(schedule, x_T, monkeypatch, num_steps, original, prediction, clip):
+    key = jax.random.key(10)
+    sched = diffusers.LCMScheduler(num_train_timesteps=T, original_inference_steps=original,
+                                   prediction_type=PRED[prediction], clip_sample=clip)
+    theirs = run_diffusers(sched, schedule, num_steps, x_T, key, ve=False, monkeypatch=monkeypatch,
+                           module=diffusers.schedulers.scheduling_lcm)
+    ours = run_ours(schedule, x_T, key, sampler="lcm", num_steps=num_steps, lcm_original_steps=original,
+                    prediction=prediction, thresholding="static" if clip else None)
+    print(f"lcm {num_steps}/{original}: {assert_same_run(ours, theirs):.2e}")

@@ -70,6 +70,8 @@ class SamplerConfig:
     image_seq_len: int | None = None
     sigmas: tuple | None = None
     solver_type: str | None = None
+    lcm_original_steps: int = 50
+    lcm_timestep_scaling: float = 10.0
 
 
 class Plan(NamedTuple):

@@ -74,7 +74,7 @@ class Inpainting(NamedTuple):
 _COMMON_OPTIONS = ("num_steps", "spacing", "steps_offset", "prediction", "variance", "threshold_max", "threshold_percentile")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplerConfig) if f.default is not dataclasses.MISSING}
 _DEFAULTS.update(num_steps=50, spacing=None, prediction=None)
-_CASTS = dict(eta=float, set_alpha_to_one=bool, karras_sigmas=bool, lower_order_final=bool, threshold_max=float,
+_CASTS = dict(lcm_timestep_scaling=float, eta=float, set_alpha_to_one=bool, karras_sigmas=bool, lower_order_final=bool, threshold_max=float,
               threshold_percentile=float)
 
 

@@ -83,6 +83,12 @@ SAMPLERS: dict[str, SamplerSpec] = {
         memoryless=False,
         solver_types=("midpoint", "heun"),
     ),
+    "lcm": SamplerSpec(
+        discrete.lcm_plan,
+        discrete.lcm_step,
+        options=frozenset({"thresholding", "lcm_original_steps", "lcm_timestep_scaling"}),
+        stochastic=_always,
+    ),
     # Flow matching (objective="flow": they need a FlowSchedule and refuse a DDPM one).
     "flow_euler": SamplerSpec(
         flow.flow_euler_plan,
