@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 
-from ldm_jax.diffusion.samplers import discrete, dpm_solver, flow, karras
+from ldm_jax.diffusion.samplers import discrete, dpm_solver, flow, karras, unipc
 from ldm_jax.diffusion.samplers.base import SamplerSpec
 
 _always = lambda cfg: True  # noqa: E731
@@ -89,6 +89,18 @@ SAMPLERS: dict[str, SamplerSpec] = {
         options=frozenset({"thresholding", "lcm_original_steps", "lcm_timestep_scaling"}),
         stochastic=_always,
     ),
+    **{
+        f"unipc_{order}": SamplerSpec(
+            unipc.unipc_plan_order[order],
+            unipc.unipc_step,
+            init_state=unipc.unipc_init_state,
+            default_spacing="linspace",
+            options=frozenset({"thresholding", "karras_sigmas", "lower_order_final", "solver_type"}),
+            memoryless=False,
+            solver_types=("bh2", "bh1"),
+        )
+        for order in (1, 2, 3)
+    },
     # Flow matching (objective="flow": they need a FlowSchedule and refuse a DDPM one).
     "flow_euler": SamplerSpec(
         flow.flow_euler_plan,
