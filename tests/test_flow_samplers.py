@@ -96,13 +96,6 @@ def test_stochastic_flow_euler_reproduces_gaussian_moments(schedules, eta, num_s
     _assert_moments(x, allowance)
 
 
-def test_flow_euler_with_eta_zero_is_ddim_in_flow_coordinates(schedules):
-    # Same sampler, the deterministic step written two ways: x + dt v and (1 - s) x0 + s eps.
-    a = _run(schedules[3.0], "flow_euler", 12, shape=(64, 4))
-    b = _run(schedules[3.0], "flow_euler", 12, shape=(64, 4), eta=1e-30)
-    np.testing.assert_allclose(a, b, atol=2e-5)
-
-
 # --------------------------------------------------------------------------- mixture
 
 WEIGHTS = np.array([0.2, 0.5, 0.3])
@@ -249,12 +242,12 @@ def test_flow_img2img_strength_one_from_data_is_sampling_and_zero_is_identity(sc
     from ldm_jax.diffusion.editing import img2img
 
     model = analytic.gaussian_velocity_model(schedules[1.0], MU, SD)
-    init = jnp.asarray(np.random.default_rng(0).normal(size=(500, 4)), jnp.float32)
+    init = jnp.asarray(np.random.default_rng(0).normal(size=(64, 4)), jnp.float32)
     same = img2img(model, schedules[1.0], init, jax.random.key(0), strength=0.0, sampler="flow_euler", num_steps=10)
     np.testing.assert_array_equal(np.asarray(same), np.asarray(init))
     # strength 1 starts at t = 1, where (1 - t) init + t eps is pure noise: a plain sample.
     full = img2img(model, schedules[1.0], init, jax.random.key(0), strength=1.0, sampler="flow_heun", num_steps=10)
-    plain = sample(model, schedules[1.0], (500, 4), jax.random.key(0), sampler="flow_heun", num_steps=10)
+    plain = sample(model, schedules[1.0], (64, 4), jax.random.key(0), sampler="flow_heun", num_steps=10)
     np.testing.assert_allclose(np.asarray(full), np.asarray(plain), atol=1e-5)
 
 

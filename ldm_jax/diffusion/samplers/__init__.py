@@ -1,6 +1,6 @@
-"""Diffusion samplers: DDPM, DDIM, PLMS, DPM-Solver++ (2M, 3M, 2M SDE), Euler and Heun, and
-the flow-matching Euler / Heun, each a plan + step function pair run by one ``lax.scan``
-driver (:func:`sample`)."""
+"""Diffusion samplers: DDPM, DDIM, PLMS, DPM-Solver++ (2M, 3M, 2M SDE, 2S), UniPC (orders 1-3),
+Euler, Euler ancestral, Heun and LCM for DDPM schedules, and the flow-matching Euler / Heun for
+flow schedules, each a plan + step function pair run by one ``lax.scan`` driver (:func:`sample`)."""
 
 from ldm_jax.diffusion.samplers.base import Plan, SamplerConfig, SamplerSpec, eps_and_x0
 from ldm_jax.diffusion.samplers.driver import (
