@@ -253,3 +253,26 @@ def test_flow_img2img_strength_one_from_data_is_sampling_and_zero_is_identity(sc
 
 def test_every_registered_flow_sampler_is_covered():
     assert {name for name, spec in SAMPLERS.items() if spec.objective == "flow"} == {"flow_euler", "flow_heun"}
+
+
+def test_flow_inpainting_keeps_the_known_region_and_generates_the_rest_as_sampling(schedules):
+    from ldm_jax.diffusion.editing import inpaint
+
+    model = analytic.gaussian_velocity_model(schedules[1.0], MU, SD)
+    original = jnp.asarray(MU + SD * np.random.default_rng(1).normal(size=(256, 4)), jnp.float32)
+    mask = jnp.asarray([1.0, 1.0, 0.0, 0.0])  # keep dims 0-1, generate 2-3
+    run = lambda **kw: np.asarray(inpaint(model, schedules[1.0], original, mask, jax.random.key(0),  # noqa: E731
+                                          sampler="flow_euler", num_steps=20, **kw))
+    out = run()
+    np.testing.assert_array_equal(out[:, :2], np.asarray(original)[:, :2])
+    # The dimensions are independent under the exact velocity, so the generated ones are what
+    # plain sampling from the same x_T gives.
+    plain = np.asarray(sample(model, schedules[1.0], (256, 4), jax.random.key(0), sampler="flow_euler", num_steps=20))
+    np.testing.assert_allclose(out[:, 2:], plain[:, 2:], atol=1e-5)
+    # RePaint jumps (flow renoising x_in = (a_in / a_out) x_out + sqrt(b_in^2 - (a_in b_out / a_out)^2) z):
+    # known region kept, the rest near its marginal. With 20 steps both this and DDIM on a DDPM
+    # schedule are off by ~0.19 std in the mean of the last dimension (measured; -0.08 at 100 steps).
+    jumped = run(jump_length=5, jump_n_sample=2)
+    np.testing.assert_array_equal(jumped[:, :2], np.asarray(original)[:, :2])
+    z = (jumped[:, 2:] - MU[2:]) / SD[2:]
+    assert np.all(np.abs(z.mean(0)) < 0.35) and np.all(np.abs(z.std(0) - 1.0) < 0.2), (z.mean(0), z.std(0))

@@ -77,6 +77,7 @@ from ldm_jax.diffusion.losses import (
     split_learned_variance,
     vlb_bits_per_dim,
 )
+from ldm_jax.diffusion.reflow import pairs_velocity_model, reflow_pairs, straightness
 from ldm_jax.diffusion.samplers import (
     SAMPLERS,
     Inpainting,
