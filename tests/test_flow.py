@@ -186,3 +186,20 @@ def test_mixture_eps_model_matches_gaussian_eps_model_for_one_component():
     x = jnp.linspace(-2, 2, 14).reshape(7, 2)
     t = jnp.array([0, 10, 100, 300, 500, 800, 999])
     np.testing.assert_allclose(g(x, t), m(x, t), rtol=1e-5, atol=1e-6)
+
+
+def test_flow_schedule_config_round_trips_and_bad_values_raise():
+    import json
+
+    schedule = F.make_flow_schedule(dynamic_shifting=True, base_shift=0.4, max_shift=1.2, max_seq_len=8192,
+                                    time_shift_type="linear", shift_terminal=0.05)
+    config = json.loads(json.dumps(F.flow_schedule_config(schedule)))
+    rebuilt = F.make_flow_schedule(**config)
+    assert jax.tree.structure(rebuilt) == jax.tree.structure(schedule)
+    for a, b in zip(jax.tree.leaves(rebuilt), jax.tree.leaves(schedule)):
+        np.testing.assert_array_equal(a, b)
+    for kwargs, fragment in [(dict(shift=0.0), "shift"), (dict(time_shift_type="cubic"), "'cubic'"),
+                             (dict(shift_terminal=1.5), "1.5"), (dict(num_train_timesteps=0), "0"),
+                             (dict(base_seq_len=5000), "max_seq_len")]:
+        with pytest.raises(ValueError, match=fragment):
+            F.make_flow_schedule(**kwargs)

@@ -49,6 +49,7 @@ from ldm_jax.diffusion.flow import (
     flow_loss,
     flow_loss_terms,
     flow_loss_weight,
+    flow_schedule_config,
     flow_snr,
     flow_training_target,
     is_flow_schedule,

@@ -108,6 +108,22 @@ def is_flow_schedule(schedule) -> bool:
     return isinstance(schedule, FlowSchedule)
 
 
+def flow_schedule_config(schedule: FlowSchedule) -> dict:
+    """The :func:`make_flow_schedule` keyword arguments that rebuild ``schedule`` (JSON-ready,
+    for model folders and checkpoints)."""
+    return dict(
+        shift=float(np.asarray(schedule.shift)),
+        num_train_timesteps=schedule.num_train_timesteps,
+        dynamic_shifting=schedule.dynamic_shifting,
+        base_shift=float(np.asarray(schedule.base_shift)),
+        max_shift=float(np.asarray(schedule.max_shift)),
+        base_seq_len=int(np.asarray(schedule.base_seq_len)),
+        max_seq_len=int(np.asarray(schedule.max_seq_len)),
+        time_shift_type=schedule.time_shift_type,
+        shift_terminal=schedule.shift_terminal,
+    )
+
+
 # ------------------------------------------------------------------------ time shifting
 
 
