@@ -23,6 +23,7 @@ import numpy as np
 
 TIME_SHIFT_TYPES = ("exponential", "linear")
 TIME_DENSITIES = ("uniform", "logit_normal", "mode", "cosmap")
+FLOW_PREDICTIONS = ("velocity", "eps", "x0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,8 +232,6 @@ def flow_eps_and_x0(model_output, x_t, t, prediction: str = "velocity"):
         return (x_t - (1.0 - tt) * model_output) / tt, model_output
     raise ValueError(f"unknown flow prediction {prediction!r}; expected one of {FLOW_PREDICTIONS}")
 
-
-FLOW_PREDICTIONS = ("velocity", "eps", "x0")
 
 
 # ------------------------------------------------------------------------ training-time t

@@ -57,8 +57,8 @@ def flow_sigmas(schedule: FlowSchedule, cfg: SamplerConfig):
         # The training grid's smallest time (1 / N), shifted once by construction unless dynamic.
         t_min = 1.0 / schedule.num_train_timesteps
         if not schedule.dynamic_shifting:
-            t_min = apply_schedule_shift(schedule, xp.asarray(t_min) if xp is jnp else t_min)
-        base = xp.linspace(1.0, t_min, n) if xp is jnp else np.linspace(1.0, t_min, n)
+            t_min = apply_schedule_shift(schedule, t_min)  # a float, or traced with the shift
+        base = xp.linspace(1.0, t_min, n)
     if xp is jnp:
         base = jnp.asarray(base, jnp.float32)
     sig = apply_schedule_shift(schedule, base, resolve_mu(schedule, cfg))
