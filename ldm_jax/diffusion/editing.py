@@ -60,7 +60,7 @@ def img2img(
       sampler_options: as :func:`ldm_jax.diffusion.samplers.sample`.
     Returns: [B, ...] float32 (and a :class:`Trajectory` if requested).
     """
-    spec, cfg = resolve_sampler(sampler, schedule.num_timesteps, num_steps=num_steps, **sampler_options)
+    spec, cfg = resolve_sampler(sampler, schedule, num_steps=num_steps, **sampler_options)
     start = img2img_start_step(cfg.num_steps, strength)
     init = jnp.asarray(init, jnp.float32)
     indices = batch_example_indices(example_indices, init.shape[0])
@@ -107,7 +107,7 @@ def inpaint(
     Returns: [B, ...] float32 (and a :class:`Trajectory` if requested; rows of resampling
       jumps have x0 = 0).
     """
-    spec, cfg = resolve_sampler(sampler, schedule.num_timesteps, num_steps=num_steps, **sampler_options)
+    spec, cfg = resolve_sampler(sampler, schedule, num_steps=num_steps, **sampler_options)
     original = jnp.asarray(original, jnp.float32)
     known_mask = jnp.asarray(known_mask, jnp.float32)
     try:

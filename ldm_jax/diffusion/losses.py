@@ -291,7 +291,7 @@ def diffusion_loss_terms(
     t: jnp.ndarray | None = None,
     noise: jnp.ndarray | None = None,
 ) -> dict:
-    """Per-example terms of :func:`diffusion_loss`, each of shape [B].
+    """Per-example terms of :func:`diffusion_loss`, each of shape [B] (see there for the loss).
 
     Returns a dict with ``"loss"`` (what :func:`diffusion_loss` averages), ``"mse"`` (unweighted
     MSE to the target, mean over non-batch axes), ``"weight"``, ``"vlb"`` (L_t in bits/dim from
@@ -359,16 +359,11 @@ def diffusion_loss(
     x0: jnp.ndarray,
     key: jax.Array,
     *,
-    prediction: str = "eps",
-    weighting: str = "simple",
-    min_snr_gamma: float = 5.0,
-    learned_variance: bool = False,
-    vlb_weight: float = 1e-3,
-    t: jnp.ndarray | None = None,
-    noise: jnp.ndarray | None = None,
     reduce: str = "mean",
+    **options,
 ) -> jnp.ndarray:
-    """The denoising training loss for one batch.
+    """The denoising training loss for one batch: :func:`diffusion_loss_terms`' ``"loss"``,
+    averaged (``reduce="mean"``) or per example (``reduce="none"``).
 
     Per example: draw t ~ U{0, ..., T-1} and eps ~ N(0, I), form x_t = q_sample(x0, t, eps)
     and regress the model output onto the target of ``prediction`` (eps, x0 or
@@ -391,26 +386,16 @@ def diffusion_loss(
     Args:
       model_fn: ``(x_t [B, ...], t int32 [B]) -> output [B, ...]`` (or [..., 2C]).
       x0: clean data [B, ...]. key: PRNG key for t and noise.
-      t, noise: fix the timesteps [B] / noise (shape of x0) instead of sampling them.
+      options: those of :func:`diffusion_loss_terms`: prediction ("eps" | "x0" | "v"),
+        weighting ("simple" | "min_snr"), min_snr_gamma, learned_variance, vlb_weight, and
+        t [B] / noise (shape of x0) to fix the timesteps / noise instead of sampling them.
       reduce: "mean" for a scalar, "none" for the per-example losses [B].
 
     Returns: float32 scalar, or [B] with ``reduce="none"``.
     """
     _check_choice("reduce", reduce, REDUCTIONS)
-    terms = diffusion_loss_terms(
-        schedule,
-        model_fn,
-        x0,
-        key,
-        prediction=prediction,
-        weighting=weighting,
-        min_snr_gamma=min_snr_gamma,
-        learned_variance=learned_variance,
-        vlb_weight=vlb_weight,
-        t=t,
-        noise=noise,
-    )
-    return terms["loss"].mean() if reduce == "mean" else terms["loss"]
+    loss = diffusion_loss_terms(schedule, model_fn, x0, key, **options)["loss"]
+    return loss.mean() if reduce == "mean" else loss
 
 
 # ---------------------------------------------------------------------------------------------

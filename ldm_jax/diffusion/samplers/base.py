@@ -33,7 +33,9 @@ import numpy as np
 from ldm_jax.diffusion.schedules import Schedule
 from ldm_jax.diffusion.thresholding import dynamic_threshold, static_clip
 
-PREDICTIONS = ("eps", "x0", "v")
+PREDICTIONS = ("eps", "x0", "v")  # of DDPM-family samplers
+FLOW_PREDICTIONS = ("velocity", "x0")  # of flow samplers (eps is singular at t = 1)
+OBJECTIVES = ("ddpm", "flow")
 VARIANCES = ("fixed_small", "fixed_large", "learned")
 THRESHOLDINGS = (None, "static", "dynamic")
 
@@ -46,6 +48,10 @@ class SamplerConfig:
     the ``prediction`` and the last C are improved-DDPM's learned-range interpolation
     parameter in [-1, 1] (diffusers' ``variance_type="learned_range"``). Only DDPM uses
     that parameter; the other samplers drop it.
+
+    Flow samplers also read ``mu`` / ``image_seq_len`` (dynamic shifting) and ``sigmas`` (an
+    explicit descending time sequence); the DDPM family reads ``solver_type``, ``lcm_*`` etc.
+    as listed in each :class:`SamplerSpec`'s ``options``.
     """
 
     num_steps: int
@@ -60,6 +66,12 @@ class SamplerConfig:
     set_alpha_to_one: bool = True
     karras_sigmas: bool = False
     lower_order_final: bool = True
+    mu: float | None = None
+    image_seq_len: int | None = None
+    sigmas: tuple | None = None
+    solver_type: str | None = None
+    lcm_original_steps: int = 50
+    lcm_timestep_scaling: float = 10.0
 
 
 class Plan(NamedTuple):
@@ -100,6 +112,9 @@ class SamplerSpec(NamedTuple):
       options: names of the non-default options the sampler honours (others raise).
       stochastic: ``cfg -> bool``: whether ``step`` consumes noise.
       memoryless: True when ``state`` carries nothing across steps, so RePaint can jump back.
+      solver_types: the ``solver_type`` values the sampler accepts, its default first.
+      objective: "ddpm" (the sampler needs a :class:`Schedule`) or "flow" (a
+        :class:`~ldm_jax.diffusion.flow.FlowSchedule`).
     """
 
     plan: Callable[..., Plan]
@@ -109,10 +124,13 @@ class SamplerSpec(NamedTuple):
     options: frozenset = frozenset()
     stochastic: Callable[[SamplerConfig], bool] = lambda cfg: False
     memoryless: bool = True
+    objective: str = "ddpm"
+    solver_types: tuple = ()
 
 
 def eps_and_x0(model_output, x_vp, a, b, prediction: str):
-    """(eps_hat, x0_hat) from a model output at a noise level with VP scales (a, b).
+    """(eps_hat, x0_hat) from a model output at a noise level with scales (a, b): VP, or
+    (1 - t, t) for flow models (``prediction="velocity"``).
 
     Unlike :func:`ldm_jax.diffusion.forward.to_eps_and_x0` this takes the scales directly,
     so it also works at the fractional noise levels of the Karras samplers.
@@ -121,6 +139,9 @@ def eps_and_x0(model_output, x_vp, a, b, prediction: str):
         return model_output, (x_vp - b * model_output) / a
     if prediction == "x0":
         return (x_vp - a * model_output) / b, model_output
+    if prediction == "velocity":
+        # Flow matching (a = 1 - t, b = t): v = eps - x0 and x = a x0 + b eps with a + b = 1.
+        return x_vp + a * model_output, x_vp - b * model_output
     return b * x_vp + a * model_output, a * x_vp - b * model_output
 
 

@@ -205,3 +205,44 @@ def plms_step(cfg: SamplerConfig, row: Plan, state, x, eps, x0, var_param, noise
     pushed = jnp.concatenate([eps[None], history[:2]], axis=0)
     history = jnp.where(c["push"] > 0, pushed, history)
     return x_next, (saved, history)
+
+
+# ----------------------------------------------------------------------------------- LCM
+
+
+def lcm_timesteps(num_train_timesteps: int, num_steps: int, original_steps: int = 50) -> np.ndarray:
+    """diffusers' ``LCMScheduler.set_timesteps`` (strength 1): n of the ``original_steps``
+    distillation timesteps k - 1, 2k - 1, ..., T - 1 (k = T // original_steps), evenly picked."""
+    if not 1 <= original_steps <= num_train_timesteps:
+        raise ValueError(f"lcm_original_steps must be in [1, {num_train_timesteps}], got {original_steps!r}")
+    if num_steps > original_steps:
+        raise ValueError(f"num_steps={num_steps} exceeds lcm_original_steps={original_steps}")
+    k = num_train_timesteps // original_steps
+    origin = (np.arange(1, original_steps + 1) * k - 1)[::-1]
+    return origin[np.floor(np.linspace(0, len(origin), num_steps, endpoint=False)).astype(np.int64)]
+
+
+def lcm_plan(schedule: Schedule, cfg: SamplerConfig, start_step: int = 0) -> Plan:
+    """Latent consistency models' multistep sampling (Luo et al. 2023), as diffusers' LCMScheduler.
+
+    Each step takes the consistency function's output, denoised = c_out x0_hat + c_skip x_t
+    with the boundary scalings c_skip = s_d^2 / ((10 t)^2 + s_d^2), c_out = 10 t / sqrt((10 t)^2 + s_d^2)
+    (s_d = 0.5, ``lcm_timestep_scaling`` = 10), and re-noises it to the next timestep with fresh
+    noise; the last step returns ``denoised``.
+    """
+    xp, schedule = schedule_namespace(schedule)
+    ts = lcm_timesteps(schedule.num_timesteps, cfg.num_steps, cfg.lcm_original_steps)[start_step:]
+    t_out = np.concatenate([ts[1:], [-1]])
+    scaled = cfg.lcm_timestep_scaling * ts.astype(np.float64)
+    sigma_data = 0.5
+    coef = dict(
+        c_skip=sigma_data**2 / (scaled**2 + sigma_data**2),
+        c_out=scaled / np.sqrt(scaled**2 + sigma_data**2),
+    )
+    return _vp_plan(xp, schedule, ts, t_out, coef)
+
+
+def lcm_step(cfg: SamplerConfig, row: Plan, state, x, eps, x0, var_param, noise):
+    denoised = row.coef["c_out"] * x0 + row.coef["c_skip"] * x
+    # The last row's out level is clean data (out_a = 1, out_b = 0): x_next = denoised.
+    return row.out_a * denoised + row.out_b * noise, state

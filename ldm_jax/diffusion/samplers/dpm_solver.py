@@ -136,3 +136,88 @@ def dpm_step(cfg: SamplerConfig, row: Plan, state, x, eps, x0, var_param, noise)
     if noise is not None:
         x_next = x_next + c["std"] * noise
     return x_next, (x0, m1)
+
+
+# ------------------------------------------------------------------- singlestep (DPM-Solver++ 2S)
+
+
+def singlestep_orders(num_steps: int, start_step: int) -> np.ndarray:
+    """diffusers' ``DPMSolverSinglestepScheduler.get_order_list`` for order 2 (lower order final,
+    final sigma zero): 1, 2, 1, 2, ..., ending 1, 1 (n even) or 1 (n odd). A run started at
+    ``start_step`` (img2img) has no previous output, so its first step is first order."""
+    n = num_steps
+    orders = [1, 2] * (n // 2 - 1) + [1, 1] if n % 2 == 0 else [1, 2] * (n // 2) + [1]
+    orders[-1] = 1
+    orders = np.array(orders[:n])
+    orders[start_step] = 1
+    return orders
+
+
+def dpm_singlestep_plan(schedule: Schedule, cfg: SamplerConfig, start_step: int = 0) -> Plan:
+    """DPM-Solver++(2S) (Lu et al. 2022b, alg. 1 with the schedule's own intermediate points), as
+    diffusers' ``DPMSolverSinglestepScheduler(solver_order=2, algorithm_type="dpmsolver++")``.
+
+    Steps alternate: a first-order step s_{k-1} -> s_k (the intermediate point, state saved),
+    then a second-order step from the SAVED state at s_{k-1} straight to s_{k+1} using the data
+    predictions at s_{k-1} and s_k (D0 = m_{k-1}, D1 = (m_k - m_{k-1}) / r, r = h_0 / h):
+    midpoint x = (sigma_t / sigma_s) x_s - alpha_t expm1(-h) (D0 + D1 / 2), or with
+    ``solver_type="heun"`` the D1 coefficient alpha_t (expm1(-h) / h + 1).
+    """
+    xp, schedule = schedule_namespace(schedule)
+    n = cfg.num_steps
+    sig, t_model = dpm_sigmas(xp, schedule, cfg)
+    sig_ext = xp.concatenate([sig, xp.zeros((1,), sig.dtype)])
+    orders = np.ones(n, np.int64)
+    orders[start_step:] = singlestep_orders(n, start_step)[start_step:]
+    second = orders == 2
+    k = np.arange(n)
+    base = np.where(second, k - 1, k)  # the step starts from this level's state
+    lam = -xp.log(sig)
+    with np.errstate(divide="ignore"):
+        lam_ext = -xp.log(sig_ext)
+    h = lam_ext[k + 1] - lam[base]
+    h_safe = xp.where(second, h, 1.0)
+    r0 = xp.where(second, (lam - lam[base]) / h_safe, 1.0)
+    a_t, b_t = ve_to_vp(xp, sig_ext[k + 1])
+    _, b_base = ve_to_vp(xp, sig[base])
+    big_a = -a_t * xp.expm1(-h)
+    if cfg.solver_type == "heun":
+        d1 = a_t * (xp.expm1(-h_safe) / h_safe + 1.0)
+    else:
+        d1 = 0.5 * big_a
+    d1 = xp.where(second, d1, 0.0)
+    coef = dict(
+        coef_x=b_t / b_base,
+        coef_x0=xp.where(second, d1 / r0, big_a),
+        coef_m=xp.where(second, big_a - d1 / r0, 0.0),
+        use_saved=second.astype(np.float32),
+    )
+    a_s, b_s = ve_to_vp(xp, sig)
+    plan = finish_plan(
+        xp,
+        t=t_model,
+        a=a_s,
+        b=b_s,
+        in_scale=1.0,
+        out_a=a_t,
+        out_b=b_t,
+        out_scale=1.0,
+        log_alpha_step=2.0 * (xp.log(a_s) - xp.log(a_t)),
+        coef=coef,
+        init_scale=1.0,
+    )
+    return take_rows(plan, np.arange(start_step, n))
+
+
+def dpm_singlestep_init_state(x):
+    """(the state a first-order step started from, its data prediction)."""
+    return (jnp.zeros_like(x), jnp.zeros_like(x))
+
+
+def dpm_singlestep_step(cfg: SamplerConfig, row: Plan, state, x, eps, x0, var_param, noise):
+    saved, m_prev = state
+    c = row.coef
+    second = c["use_saved"] > 0
+    start = jnp.where(second, saved, x)
+    x_next = c["coef_x"] * start + c["coef_x0"] * x0 + c["coef_m"] * m_prev
+    return x_next, (start, x0)

@@ -8,13 +8,17 @@ per input shape. Editing (img2img, inpainting) reuses :func:`run_plan`.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.diffusion.flow import FlowSchedule
 from ldm_jax.diffusion.samplers.base import (
+    FLOW_PREDICTIONS,
+    OBJECTIVES,
     PREDICTIONS,
     THRESHOLDINGS,
     VARIANCES,
@@ -33,6 +37,7 @@ from ldm_jax.diffusion.samplers.noise import (
     per_example_normal,
     stream_key,
 )
+from ldm_jax.diffusion.samplers.flow import FLOW_SPACINGS
 from ldm_jax.diffusion.samplers.registry import SAMPLERS
 from ldm_jax.diffusion.schedules import Schedule
 from ldm_jax.diffusion.timesteps import SPACINGS
@@ -44,8 +49,9 @@ class Trajectory(NamedTuple):
     """Per-evaluation outputs of a run with ``return_trajectory=True``.
 
     Attributes:
-      x: [N, B, ...] the state after each model evaluation, in VP scale (a sample at the
-        noise level ``(out_a, out_b)`` of that evaluation; clean data after the last one).
+      x: [N, B, ...] the state after each model evaluation, in the schedule's coordinates
+        (VP scale for DDPM schedules, the interpolant x_t for flow ones: a sample at the noise
+        level ``(out_a, out_b)`` of that evaluation; clean data after the last one).
       x0: [N, B, ...] the (thresholded) predicted clean sample at each evaluation.
       t: [N] the timestep the model saw.
     """
@@ -63,79 +69,106 @@ class Inpainting(NamedTuple):
     known_mask: jnp.ndarray
 
 
-_OPTION_DEFAULTS = dict(
-    eta=0.0, thresholding=None, set_alpha_to_one=True, karras_sigmas=False, lower_order_final=True
-)
+# Options with a default that every sampler accepts; any other option must be listed in the
+# sampler's ``SamplerSpec.options`` to be set to a non-default value.
+_COMMON_OPTIONS = ("num_steps", "spacing", "steps_offset", "prediction", "variance", "threshold_max", "threshold_percentile")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplerConfig) if f.default is not dataclasses.MISSING}
+_DEFAULTS.update(num_steps=50, spacing=None, prediction=None)
+_CASTS = dict(lcm_timestep_scaling=float, eta=float, set_alpha_to_one=bool, karras_sigmas=bool, lower_order_final=bool, threshold_max=float,
+              threshold_percentile=float)
 
 
-def resolve_sampler(
-    sampler: str | SamplerSpec,
-    num_train_timesteps: int,
-    *,
-    num_steps: int = 50,
-    spacing: str | None = None,
-    steps_offset: int = 0,
-    prediction: str = "eps",
-    eta: float = 0.0,
-    variance: str = "fixed_small",
-    thresholding: str | None = None,
-    threshold_max: float = 1.0,
-    threshold_percentile: float = 0.995,
-    set_alpha_to_one: bool = True,
-    karras_sigmas: bool = False,
-    lower_order_final: bool = True,
-) -> tuple[SamplerSpec, SamplerConfig]:
-    """Validate the options and return (spec, static config). See :func:`sample`."""
+def schedule_objective(schedule) -> str:
+    """"flow" for a :class:`FlowSchedule`, "ddpm" for a :class:`Schedule` (or a timestep count)."""
+    return "flow" if isinstance(schedule, FlowSchedule) else "ddpm"
+
+
+def check_objective(spec: SamplerSpec, name: str, objective: str) -> None:
+    """One-line ValueError when a sampler meets a schedule of the other objective."""
+    if spec.objective == objective:
+        return
+    kind = {"flow": "a flow-matching", "ddpm": "a DDPM (noise-prediction)"}
+    raise ValueError(
+        f"sampler {name} integrates {kind[spec.objective]} model and cannot run {kind[objective]} schedule; "
+        f"use one of {sampler_names(objective)}"
+    )
+
+
+def _check_int(name, value, minimum):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < minimum:
+        kind = "a positive" if minimum == 1 else "a non-negative"
+        raise ValueError(f"{name} must be {kind} integer, got {value!r}")
+
+
+def resolve_sampler(sampler: str | SamplerSpec, schedule, **options) -> tuple[SamplerSpec, SamplerConfig]:
+    """Validate the options and return (spec, static config). See :func:`sample` for the options.
+
+    ``schedule`` is the :class:`Schedule` or :class:`FlowSchedule` the sampler will run (an int
+    is the timestep count of a DDPM schedule), so a sampler of the other objective is refused.
+    """
     if isinstance(sampler, SamplerSpec):
         spec, name = sampler, "custom sampler"
     else:
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
         spec, name = SAMPLERS[sampler], repr(sampler)
-    if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool) or num_steps < 1:
-        raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
-    if num_steps > num_train_timesteps:
-        raise ValueError(f"num_steps={num_steps} exceeds the schedule's num_timesteps={num_train_timesteps}")
-    spacing = spec.default_spacing if spacing is None else spacing
-    if spacing not in SPACINGS:
-        raise ValueError(f"unknown timestep spacing {spacing!r}; expected one of {SPACINGS}")
-    if not isinstance(steps_offset, (int, np.integer)) or steps_offset < 0:
-        raise ValueError(f"steps_offset must be a non-negative integer, got {steps_offset!r}")
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"unknown prediction type {prediction!r}; expected one of {PREDICTIONS}")
-    if variance not in VARIANCES:
-        raise ValueError(f"unknown variance {variance!r}; expected one of {VARIANCES}")
-    if variance == "fixed_large" and "variance" not in spec.options:
+    objective = schedule_objective(schedule)
+    check_objective(spec, name, objective)
+    unknown = sorted(set(options) - set(_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown sampler option {unknown[0]!r}; expected one of {sorted(_DEFAULTS)}")
+    opts = {**_DEFAULTS, **options}
+    flow = objective == "flow"
+    if flow and opts["sigmas"] is not None:
+        sigmas = tuple(float(v) for v in np.asarray(opts["sigmas"], np.float64).reshape(-1))
+        if not sigmas or any(not 0.0 < v <= 1.0 for v in sigmas) or any(np.diff(sigmas) >= 0):
+            raise ValueError(f"sigmas must be a non-empty decreasing sequence in (0, 1], got {opts['sigmas']!r}")
+        if "num_steps" in options and options["num_steps"] != len(sigmas):
+            raise ValueError(f"num_steps={options['num_steps']!r} does not match the {len(sigmas)} sigmas given")
+        opts.update(sigmas=sigmas, num_steps=len(sigmas))
+    _check_int("num_steps", opts["num_steps"], 1)
+    _check_int("steps_offset", opts["steps_offset"], 0)
+    if not flow and opts["num_steps"] > int(getattr(schedule, "num_timesteps", schedule)):
+        raise ValueError(
+            f"num_steps={opts['num_steps']} exceeds the schedule's num_timesteps={int(getattr(schedule, 'num_timesteps', schedule))}"
+        )
+    spacings = FLOW_SPACINGS if flow else SPACINGS
+    opts["spacing"] = spec.default_spacing if opts["spacing"] is None else opts["spacing"]
+    if opts["spacing"] not in spacings:
+        raise ValueError(f"unknown timestep spacing {opts['spacing']!r}; expected one of {spacings}")
+    predictions = FLOW_PREDICTIONS if flow else PREDICTIONS
+    opts["prediction"] = predictions[0] if opts["prediction"] is None else opts["prediction"]
+    if opts["prediction"] not in predictions:
+        raise ValueError(f"unknown prediction type {opts['prediction']!r} for a {objective} model; expected one of {predictions}")
+    if opts["variance"] not in VARIANCES:
+        raise ValueError(f"unknown variance {opts['variance']!r}; expected one of {VARIANCES}")
+    if opts["variance"] == "fixed_large" and "variance" not in spec.options:
         raise ValueError(f"variance='fixed_large' only applies to 'ddpm', not to {name}")
-    if thresholding not in THRESHOLDINGS:
-        raise ValueError(f"unknown thresholding {thresholding!r}; expected one of {THRESHOLDINGS}")
-    if not eta >= 0.0:
-        raise ValueError(f"eta must be >= 0, got {eta!r}")
-    given = dict(
-        eta=float(eta),
-        thresholding=thresholding,
-        set_alpha_to_one=bool(set_alpha_to_one),
-        karras_sigmas=bool(karras_sigmas),
-        lower_order_final=bool(lower_order_final),
-    )
-    for option, value in given.items():
-        if value != _OPTION_DEFAULTS[option] and option not in spec.options:
+    if opts["thresholding"] not in THRESHOLDINGS:
+        raise ValueError(f"unknown thresholding {opts['thresholding']!r}; expected one of {THRESHOLDINGS}")
+    if not opts["eta"] >= 0.0:
+        raise ValueError(f"eta must be >= 0, got {opts['eta']!r}")
+    for option, cast in _CASTS.items():
+        opts[option] = cast(opts[option])
+    for option, value in opts.items():
+        if option not in _COMMON_OPTIONS and value != _DEFAULTS[option] and option not in spec.options:
             raise ValueError(f"option {option}={value!r} is not supported by sampler {name}")
-    cfg = SamplerConfig(
-        num_steps=int(num_steps),
-        spacing=spacing,
-        steps_offset=int(steps_offset),
-        prediction=prediction,
-        variance=variance,
-        threshold_max=float(threshold_max),
-        threshold_percentile=float(threshold_percentile),
-        **given,
-    )
+    thresholding, threshold_max = opts["thresholding"], opts["threshold_max"]
     if thresholding is not None and not threshold_max >= (1.0 if thresholding == "dynamic" else 0.0):
         raise ValueError(f"threshold_max={threshold_max!r} is out of range for {thresholding!r} thresholding")
-    if thresholding == "dynamic" and not 0.0 < threshold_percentile <= 1.0:
-        raise ValueError(f"threshold_percentile must be in (0, 1], got {threshold_percentile!r}")
-    return spec, cfg
+    if thresholding == "dynamic" and not 0.0 < opts["threshold_percentile"] <= 1.0:
+        raise ValueError(f"threshold_percentile must be in (0, 1], got {opts['threshold_percentile']!r}")
+    if spec.solver_types:
+        opts["solver_type"] = spec.solver_types[0] if opts["solver_type"] is None else opts["solver_type"]
+        if opts["solver_type"] not in spec.solver_types:
+            raise ValueError(f"unknown solver_type {opts['solver_type']!r} for sampler {name}; expected one of {spec.solver_types}")
+    if flow and schedule.dynamic_shifting and opts["mu"] is None and opts["image_seq_len"] is None:
+        raise ValueError("this flow schedule uses dynamic shifting: pass mu or image_seq_len to the sampler")
+    if opts["image_seq_len"] is not None:
+        _check_int("image_seq_len", opts["image_seq_len"], 1)
+    if opts["mu"] is not None:
+        opts["mu"] = float(opts["mu"])
+    return spec, SamplerConfig(**opts)
 
 
 def batch_example_indices(example_indices, batch: int):
@@ -210,11 +243,16 @@ def run_plan(
         return x_next.astype(jnp.float32), state, x0, row.out_scale * x_next
 
     def renoise(x, state, row, event):
-        # Diffuse forward from the level step k reached back to the level it started from.
+        # Diffuse forward from the level step k reached back to the level it started from:
+        # x_in = (a_in / a_out) x_out + sqrt(b_in^2 - (a_in / a_out)^2 b_out^2) z, which for VP
+        # scales is sqrt(1 - ratio^2), formed from the summed log-alphas for accuracy.
         log_alpha = row.log_alpha_step
-        x_vp = jnp.exp(0.5 * log_alpha) * (row.out_scale * x) + jnp.sqrt(-jnp.expm1(log_alpha)) * normal(
-            STREAM_RENOISE, event
-        )
+        if spec.objective == "flow":
+            ratio = row.a / row.out_a
+            std = jnp.sqrt(jnp.maximum(row.b**2 - (ratio * row.out_b) ** 2, 0.0))
+        else:
+            ratio, std = jnp.exp(0.5 * log_alpha), jnp.sqrt(-jnp.expm1(log_alpha))
+        x_vp = ratio * (row.out_scale * x) + std * normal(STREAM_RENOISE, event)
         return x_vp / row.in_scale, state, jnp.zeros_like(x), x_vp
 
     def body(carry, xs):
@@ -239,78 +277,58 @@ def run_plan(
 
 def sample(
     model_fn: ModelFn,
-    schedule: Schedule,
+    schedule: Schedule | FlowSchedule,
     shape: Sequence[int],
     key,
     *,
     sampler: str | SamplerSpec = "ddim",
-    num_steps: int = 50,
-    spacing: str | None = None,
-    steps_offset: int = 0,
-    prediction: str = "eps",
-    eta: float = 0.0,
-    variance: str = "fixed_small",
-    thresholding: str | None = None,
-    threshold_max: float = 1.0,
-    threshold_percentile: float = 0.995,
-    set_alpha_to_one: bool = True,
-    karras_sigmas: bool = False,
-    lower_order_final: bool = True,
     x_T: jnp.ndarray | None = None,
     example_indices=None,
     return_trajectory: bool = False,
+    **options,
 ):
     """Generate samples by running the reverse process with the chosen sampler.
 
     Args:
       model_fn: ``(x_t [B, ...], t [B]) -> prediction [B, ...]`` (``[..., 2C]`` when
         ``variance="learned"``, channels last). ``t`` is int32, or float32 (fractional) for
-        "euler" / "heun".
-      schedule: the training noise schedule (may be a traced argument of an outer ``jit``).
+        the Karras-sigma samplers; for flow samplers the float timestep ``N t`` in [0, N].
+      schedule: the training noise schedule (may be a traced argument of an outer ``jit``):
+        a :class:`Schedule` for the DDPM family, a :class:`FlowSchedule` for "flow_*".
       shape: [B, ...] output shape (static).
       key: PRNG key; example i's noise comes from ``fold_in(., example_indices[i])``, so an
         image does not depend on the batch size.
-      sampler: "ddpm", "ddim", "plms", "dpmpp_2m", "dpmpp_3m", "dpmpp_2m_sde", "euler",
-        "heun", or a :class:`SamplerSpec`.
-      num_steps: number of sampling steps (1..T). Heun evaluates the model 2n - 1 times and
-        PLMS n + 1 times.
-      spacing: "leading" / "trailing" / "linspace"; default: diffusers' default for the
-        scheduler ("leading" for ddpm/ddim/plms, "linspace" otherwise).
+      sampler: a name from :func:`sampler_names` or a :class:`SamplerSpec`.
+      x_T: optional initial noise [B, ...] (standard normal; scaled as the sampler needs).
+      example_indices: [B] example ids for the per-example noise (default arange(B)).
+      return_trajectory: also return a :class:`Trajectory`.
+
+    Options (static; each sampler honours the ones in its ``SamplerSpec.options``, others raise):
+      num_steps: number of sampling steps (default 50; 1..T for DDPM schedules). Heun
+        evaluates the model 2n - 1 times and PLMS n + 1 times.
+      spacing: DDPM: "leading" / "trailing" / "linspace" (default: diffusers' default for
+        the scheduler); flow: "linspace" (default) / "trailing" (1 .. 1/n, as Flux).
       steps_offset: added to "leading" timesteps (Stable Diffusion configs use 1).
-      prediction: what the model predicts: "eps", "x0" or "v".
+      prediction: DDPM: "eps" (default), "x0" or "v"; flow: "velocity" (default) or "x0".
       eta: DDIM's noise scale (0 = deterministic, 1 = DDPM-like).
       variance: DDPM's "fixed_small" (posterior variance), "fixed_large" (beta), or "learned"
         (improved-DDPM learned range; the model outputs 2C channels; other samplers drop the
         extra channels).
       thresholding: None, "static" (clip x0_hat to +-threshold_max) or "dynamic" (Imagen;
-        percentile ``threshold_percentile``, ceiling ``threshold_max``). Not for "plms".
+        percentile ``threshold_percentile``, ceiling ``threshold_max``).
       set_alpha_to_one: DDIM / PLMS final level is clean data (True) or abar[0] (False, as
         Stable Diffusion's scheduler config).
-      karras_sigmas: Karras rho = 7 sigmas for "dpmpp_*", "euler", "heun".
-      lower_order_final: DPM-Solver++ lowers the order of the last steps when n < 15.
-      x_T: optional initial noise [B, ...] (standard normal; scaled as the sampler needs).
-      example_indices: [B] example ids for the per-example noise (default arange(B)).
-      return_trajectory: also return a :class:`Trajectory`.
+      karras_sigmas: Karras rho = 7 noise levels.
+      lower_order_final: multistep solvers lower the order of the last steps when n < 15.
+      mu / image_seq_len: the shift of a dynamic-shifting flow schedule, or the token count it
+        is computed from (:func:`ldm_jax.diffusion.flow.dynamic_shift_mu`).
+      sigmas: flow: an explicit decreasing time sequence in (0, 1] (few-step schedules),
+        shifted by the schedule as diffusers' ``set_timesteps(sigmas=...)``.
 
     Returns:
       samples [B, ...] float32, or (samples, Trajectory).
     """
-    spec, cfg = resolve_sampler(
-        sampler,
-        schedule.num_timesteps,
-        num_steps=num_steps,
-        spacing=spacing,
-        steps_offset=steps_offset,
-        prediction=prediction,
-        eta=eta,
-        variance=variance,
-        thresholding=thresholding,
-        threshold_max=threshold_max,
-        threshold_percentile=threshold_percentile,
-        set_alpha_to_one=set_alpha_to_one,
-        karras_sigmas=karras_sigmas,
-        lower_order_final=lower_order_final,
-    )
+    spec, cfg = resolve_sampler(sampler, schedule, **options)
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2:
         raise ValueError(f"shape must be [B, ...] with at least one example axis, got {shape}")
@@ -332,7 +350,9 @@ def sample(
     )
 
 
-def sampler_names() -> list[str]:
-    """Registered sampler names."""
-    return sorted(SAMPLERS)
+def sampler_names(objective: str | None = None) -> list[str]:
+    """Registered sampler names, optionally only those of one objective ("ddpm" or "flow")."""
+    if objective is not None and objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
+    return sorted(name for name, spec in SAMPLERS.items() if objective in (None, spec.objective))
 

@@ -118,3 +118,23 @@ def heun_step(cfg: SamplerConfig, row: Plan, state, x, eps, x0, var_param, noise
     state = (jnp.where(is_corrector, slope_prev, slope), jnp.where(is_corrector, x_start, x))
     return x_next, state
 
+
+
+def euler_ancestral_plan(schedule: Schedule, cfg: SamplerConfig, start_step: int = 0) -> Plan:
+    """Euler ancestral (k-diffusion's ``sample_euler_ancestral``, diffusers'
+    ``EulerAncestralDiscreteScheduler``): an Euler step down to sigma_down, then fresh noise of
+    std sigma_up, with sigma_up^2 = sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2 and
+    sigma_down^2 = sigma_next^2 - sigma_up^2, so the marginal lands on sigma_next."""
+    xp, schedule = schedule_namespace(schedule)
+    sig, t_model = karras_family_sigmas(xp, schedule, cfg)
+    sig_next = xp.concatenate([sig[1:], xp.zeros((1,), sig.dtype)])
+    sigma_up = xp.sqrt(sig_next**2 * (sig**2 - sig_next**2) / sig**2)
+    sigma_down = xp.sqrt(sig_next**2 - sigma_up**2)
+    coef = dict(sigma=sig, dt=sigma_down - sig, std=sigma_up)
+    plan = _ve_plan(xp, t_model, sig, sig_next, coef, _init_scale(xp, sig, cfg))
+    return take_rows(plan, np.arange(start_step, cfg.num_steps))
+
+
+def euler_ancestral_step(cfg: SamplerConfig, row: Plan, state, x, eps, x0, var_param, noise):
+    slope = (x - x0) / row.coef["sigma"]
+    return x + slope * row.coef["dt"] + row.coef["std"] * noise, state
