@@ -115,8 +115,9 @@ def collect(
     progress=None,
 ) -> Collected:
     """Run ``feature_fn`` over ``batches``; accumulate ``stats_key`` (merged over processes),
-    keep the ``keep`` features of this process's first ``max_kept`` images. ``progress``: an
-    object with ``update(n)`` (e.g. tqdm)."""
+    keep the ``keep`` features of each process's first ``max_kept`` images (gathered from every
+    process; they must hold the same feature shapes). ``progress``: an object with
+    ``update(n)`` (e.g. tqdm)."""
     acc = None
     kept: dict[str, list[np.ndarray]] = {name: [] for name in keep}
     num_kept = 0
@@ -135,5 +136,19 @@ def collect(
     result = Collected()
     result["stats"] = None if acc is None else allgather_merge(acc).stats()
     for name in keep:
-        result[name] = np.concatenate(kept[name]) if kept[name] else np.zeros((0,))
+        local = np.concatenate(kept[name]) if kept[name] else np.zeros((0,), np.float32)
+        result[name] = _allgather_rows(local)
     return result
+
+
+def _allgather_rows(local: np.ndarray) -> np.ndarray:
+    """Every process's rows, concatenated in process order (identity on one process)."""
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    counts = np.asarray(multihost_utils.process_allgather(np.asarray([local.shape[0]], np.int64))).reshape(-1)
+    padded = np.zeros((int(counts.max()),) + local.shape[1:], local.dtype)
+    padded[: local.shape[0]] = local
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    return np.concatenate([gathered[p, : counts[p]] for p in range(len(counts))])
