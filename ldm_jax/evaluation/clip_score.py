@@ -9,9 +9,11 @@ per-pair values and that aggregate.)
 Vision tower (transformers ``CLIPVisionTransformer``): a patch convolution (no bias), a learned
 class token, learned positions, ``pre_layrnorm`` (transformers' spelling), N pre-LayerNorm
 non-causal transformer layers, and ``post_layernorm`` of the class token as the pooled output.
-Image preprocessing is ``CLIPImageProcessor``'s default: shortest side resized to
-``image_size`` with PIL bicubic, centre crop, ``/255``, OpenAI mean/std normalisation
-(:func:`preprocess`, host side, NumPy).
+Image preprocessing is ``CLIPImageProcessor``'s default with the PIL backend (transformers 4's
+default; ``CLIPImageProcessorPil`` in 5): shortest side resized to ``image_size`` with PIL
+bicubic, centre crop, ``/255``, OpenAI mean/std normalisation (:func:`preprocess`, host side,
+NumPy). transformers 5's torchvision-backed default differs by one or two uint8 levels on ~1%
+of the pixels.
 
 Weights: :func:`load_clip_model` reads a local transformers ``CLIPModel`` folder
 (``config.json`` + ``model.safetensors``, e.g. ``openai/clip-vit-large-patch14`` saved with
