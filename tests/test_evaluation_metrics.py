@@ -26,6 +26,20 @@ def test_fid_matches_closed_form_for_two_gaussians_with_commuting_covariances():
     assert metrics.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-9)
 
 
+def test_fid_eigh_method_matches_sqrtm_and_closed_form():
+    a, b = _features(20, n=400, d=24), _features(21, n=400, d=24, shift=0.4)
+    args = (a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    assert metrics.frechet_distance(*args, method="eigh") == pytest.approx(metrics.frechet_distance(*args), rel=1e-9)
+    rng = np.random.default_rng(22)
+    q, _ = np.linalg.qr(rng.normal(size=(8, 8)))
+    e1, e2 = rng.uniform(0.1, 2.0, 8), rng.uniform(0.1, 2.0, 8)
+    expected = np.sum((np.sqrt(e1) - np.sqrt(e2)) ** 2)
+    got = metrics.frechet_distance(np.zeros(8), q @ np.diag(e1) @ q.T, np.zeros(8), q @ np.diag(e2) @ q.T, method="eigh")
+    assert got == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ValueError, match="unknown FID method 'svd'"):
+        metrics.frechet_distance(*args, method="svd")
+
+
 def test_fid_matches_pytorch_fid_calculate_frechet_distance():
     fid_score = pytest.importorskip("pytorch_fid.fid_score")
     a, b = _features(1), _features(2, shift=0.3)

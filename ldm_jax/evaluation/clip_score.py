@@ -253,3 +253,36 @@ def clip_score_from_embeddings(image_embeds, text_embeds) -> CLIPScoreResult:
     b = b / np.linalg.norm(b, axis=-1, keepdims=True)
     per_pair = 100.0 * (a * b).sum(-1)
     return CLIPScoreResult(float(max(per_pair.mean(), 0.0)), per_pair)
+
+
+class CLIPScorer:
+    """Batched CLIP score of (image, prompt) pairs with a loaded :class:`CLIPModel`.
+
+    ``update(images uint8 [B, H, W, 3], prompts [B])`` accumulates embeddings' per-pair scores;
+    ``result()`` gives the torchmetrics aggregate. Embeddings are computed jitted on the
+    default device (CLIP score sets are small next to FID's)."""
+
+    def __init__(self, module: CLIPModel, params, tokenizer):
+        self.module, self.params, self.tokenizer = module, params, tokenizer
+        self._image = jax.jit(lambda p, x: module.apply({"params": p}, x, method="image_embeds"))
+        self._text = jax.jit(lambda p, i, m: module.apply({"params": p}, i, m, method="text_embeds"))
+        self.per_pair: list[np.ndarray] = []
+
+    def update(self, images, prompts) -> None:
+        images = np.asarray(images)
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        if not len(images):
+            return
+        size = self.module.vision_config.image_size
+        pixels = np.stack([preprocess(np.repeat(im, 3, -1) if im.shape[-1] == 1 else im, size) for im in images])
+        tokens = self.tokenizer(list(prompts), max_length=self.module.text_config.max_position_embeddings)
+        img = self._image(self.params, pixels)
+        txt = self._text(self.params, tokens.ids, tokens.mask.astype(np.int32))
+        self.per_pair.append(clip_score_from_embeddings(img, txt).per_pair)
+
+    def result(self) -> CLIPScoreResult:
+        if not self.per_pair:
+            raise ValueError("no image/prompt pairs were scored")
+        per_pair = np.concatenate(self.per_pair)
+        return CLIPScoreResult(float(max(per_pair.mean(), 0.0)), per_pair)

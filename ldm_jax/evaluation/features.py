@@ -46,6 +46,9 @@ def quantize(images_minus1_1) -> np.ndarray:
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
+_COMPILED: dict = {}
+
+
 class ShardedFeatureFn:
     """``fn(local_images [b, H, W, C]) -> {name: np.ndarray [b, ...]}`` (module docstring).
 
@@ -71,8 +74,11 @@ class ShardedFeatureFn:
         self.batch_sharding = NamedSharding(self.mesh, PartitionSpec("data"))
         replicated = NamedSharding(self.mesh, PartitionSpec())
         self.variables = jax.device_put(variables, replicated)
-        self._fn = jax.jit(apply_fn, in_shardings=(replicated, self.batch_sharding),
-                           out_shardings=self.batch_sharding)
+        key = (apply_fn, self.mesh)
+        if key not in _COMPILED:  # one jit object per (function, mesh): repeated evaluations compile once
+            _COMPILED[key] = jax.jit(apply_fn, in_shardings=(replicated, self.batch_sharding),
+                                     out_shardings=self.batch_sharding)
+        self._fn = _COMPILED[key]
 
     def __call__(self, local_images) -> dict[str, np.ndarray]:
         images = to_unit_interval(local_images)

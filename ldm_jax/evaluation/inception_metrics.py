@@ -27,11 +27,18 @@ METRICS = ("fid", "kid", "is", "precision_recall")
 
 def inception_feature_fn(module, variables, *, local_batch_size: int, mesh=None, resize: bool = True) -> ShardedFeatureFn:
     """A sharded ``images -> {"pool3", "logits", "logits_unbiased"}`` function."""
+    return ShardedFeatureFn(_apply_fn(module, resize), variables, local_batch_size=local_batch_size, mesh=mesh)
 
-    def apply_fn(v, images):
-        return module.apply(v, images, resize=resize)._asdict()
 
-    return ShardedFeatureFn(apply_fn, variables, local_batch_size=local_batch_size, mesh=mesh)
+_APPLY_FNS: dict = {}
+
+
+def _apply_fn(module, resize: bool):
+    """One function object per (module, resize), so its compiled program is reused."""
+    key = (module, resize)
+    if key not in _APPLY_FNS:
+        _APPLY_FNS[key] = lambda v, images: module.apply(v, images, resize=resize)._asdict()
+    return _APPLY_FNS[key]
 
 
 def inception_features(feature_fn: ShardedFeatureFn, images, *, keep: Sequence[str] = ("pool3",),
@@ -49,7 +56,7 @@ def _check_metrics(names: Sequence[str]) -> None:
 
 def compare(real: Mapping | GaussianStats | None, fake: Mapping, metrics: Sequence[str] = ("fid",), *,
             kid_subsets: int = 100, kid_subset_size: int = 1000, is_splits: int = 10, pr_k: int = 3,
-            seed: int = 0) -> dict[str, float]:
+            seed: int = 0, fid_method: str = "sqrtm") -> dict[str, float]:
     """The requested metrics of ``fake`` (a :class:`Collected`) against ``real`` (a ``Collected``
     or ``GaussianStats``; None when only IS is asked for). Returns a flat JSON-able dict."""
     _check_metrics(metrics)
@@ -66,7 +73,8 @@ def compare(real: Mapping | GaussianStats | None, fake: Mapping, metrics: Sequen
     if "fid" in metrics:
         if real_stats.mu.shape != fake_stats.mu.shape:
             raise ValueError(f"reference statistics have dim {real_stats.mu.shape[0]}, samples {fake_stats.mu.shape[0]}")
-        out["fid"] = M.frechet_distance(real_stats.mu, real_stats.sigma, fake_stats.mu, fake_stats.sigma)
+        out["fid"] = M.frechet_distance(real_stats.mu, real_stats.sigma, fake_stats.mu, fake_stats.sigma,
+                                       method=fid_method)
     if "kid" in metrics:
         kid = M.kernel_inception_distance(real_pool3, fake["pool3"], kid_subsets, kid_subset_size,
                                           rng=np.random.RandomState(seed))

@@ -32,8 +32,28 @@ def _as_2d(name: str, features) -> np.ndarray:
     return x
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
-    """``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))`` in float64."""
+FID_METHODS = ("sqrtm", "eigh")
+
+
+def _trace_sqrt_product_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """``tr((S1 S2)^(1/2))`` for symmetric PSD S1, S2: S1 S2 is similar to the symmetric PSD
+    ``S1^(1/2) S2 S1^(1/2)``, so the trace is the sum of the square roots of its eigenvalues.
+    Two ``eigh`` instead of a Schur-based ``sqrtm``: ~10x faster at 2048-d."""
+    w, v = np.linalg.eigh(sigma1)
+    root1 = (v * np.sqrt(np.clip(w, 0.0, None))) @ v.T
+    middle = root1 @ sigma2 @ root1
+    eigenvalues = np.linalg.eigvalsh((middle + middle.T) / 2.0)
+    return float(np.sqrt(np.clip(eigenvalues, 0.0, None)).sum())
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, method: str = "sqrtm") -> float:
+    """``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2))`` in float64.
+
+    ``method="sqrtm"`` is pytorch-fid's computation exactly; ``"eigh"`` computes the same trace
+    through symmetric eigendecompositions (equal to ~1e-9 relative on full-rank covariances,
+    more accurate on singular ones, much faster at 2048-d)."""
+    if method not in FID_METHODS:
+        raise ValueError(f"unknown FID method {method!r}; expected one of {FID_METHODS}")
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape:
@@ -41,6 +61,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     if sigma1.shape != sigma2.shape or sigma1.shape != (mu1.shape[0],) * 2:
         raise ValueError(f"covariances {sigma1.shape} / {sigma2.shape} do not match mean dim {mu1.shape[0]}")
     diff = mu1 - mu2
+    if method == "eigh":
+        return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * _trace_sqrt_product_eigh(sigma1, sigma2))
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
         # Product of (nearly) singular covariances, e.g. fewer samples than dimensions.
