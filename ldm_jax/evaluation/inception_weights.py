@@ -15,6 +15,7 @@ used and every parameter found, else :class:`WeightsError` names the key.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Mapping
 
@@ -42,7 +43,11 @@ _STAT_TO_TORCH = {"mean": "running_mean", "var": "running_var"}
 
 def abstract_variables(module: FIDInceptionV3 | None = None) -> dict:
     """Shapes of ``{"params", "batch_stats"}`` (no computation; 75 px is the smallest input)."""
-    module = FIDInceptionV3() if module is None else module
+    return _abstract_variables(FIDInceptionV3() if module is None else module)
+
+
+@functools.lru_cache(maxsize=4)
+def _abstract_variables(module: FIDInceptionV3) -> dict:
     shapes = jax.eval_shape(
         lambda: module.init(jax.random.PRNGKey(0), jnp.zeros((1, 75, 75, 3)), resize=False)
     )
@@ -107,7 +112,12 @@ def load_inception(path: str | os.PathLike) -> tuple[FIDInceptionV3, dict]:
 def random_state_dict(seed: int = 0) -> dict[str, np.ndarray]:
     """Random FID-Inception weights in torch layout with activations of order one (He-normal
     convolutions, non-trivial BatchNorm statistics): for tests and smoke runs, never for
-    reporting numbers."""
+    reporting numbers. A fresh dict of (cached, shared) arrays: do not modify the arrays."""
+    return dict(_random_state_dict(seed))
+
+
+@functools.lru_cache(maxsize=2)
+def _random_state_dict(seed: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     out = {}
     for collection, tree in abstract_variables().items():
