@@ -92,3 +92,39 @@ def test_preprocess_matches_clip_image_processor_defaults():
     print(f"\npreprocess vs torchvision CLIPImageProcessor: {np.mean(diff > 0.5):.2%} of values differ, "
           f"max {diff.max():.2f} uint8 levels")
     assert diff.max() <= 2.01 and np.mean(diff > 0.5) < 0.02
+
+
+def test_clip_scorer_pairs_images_with_prompts_as_transformers_does(reference):
+    """uint8 images + prompts through CLIPScorer == PIL preprocessing + transformers' CLIPModel +
+    torchmetrics' formula, with a toy tokenizer (ids below the tiny vocabulary)."""
+    from ldm_jax.evaluation.clip_score import CLIPScorer
+    from ldm_jax.models.tokenizers import TokenizedText
+
+    model, folder = reference
+    module, params = load_clip_model(folder)
+
+    def tokenizer(texts, max_length):
+        ids = np.ones((len(texts), max_length), np.int32)  # pad id 1
+        for row, text in enumerate(texts):
+            body = [2 + (ord(ch) % 90) for ch in text][: max_length - 2]
+            ids[row, : len(body) + 2] = [0, *body, 98]  # BOS, body, EOS
+        return TokenizedText(ids, ids != 1)
+
+    images = np.random.default_rng(3).integers(0, 256, size=(3, 40, 36, 3), dtype=np.uint8)
+    prompts = ["a cat", "two dogs", "a red circle on a blue square"]
+    scorer = CLIPScorer(module, params, tokenizer)
+    scorer.update(images[:2], prompts[:2])
+    scorer.update(images[2:], prompts[2:])
+    ours = scorer.result()
+
+    pixels = np.stack([preprocess(im, 32) for im in images]).transpose(0, 3, 1, 2)
+    tokens = tokenizer(prompts, 16)
+    with torch.no_grad():
+        a = _unwrap(model.get_image_features(pixel_values=torch.from_numpy(pixels))).double()
+        b = _unwrap(model.get_text_features(input_ids=torch.from_numpy(tokens.ids).long(),
+                                            attention_mask=torch.from_numpy(tokens.mask.astype(np.int64)))).double()
+    per_pair = 100 * ((a / a.norm(dim=-1, keepdim=True)) * (b / b.norm(dim=-1, keepdim=True))).sum(-1)
+    np.testing.assert_allclose(ours.per_pair, per_pair.numpy(), atol=1e-3)
+    assert ours.score == pytest.approx(max(per_pair.mean().item(), 0.0), abs=1e-3)
+    with pytest.raises(ValueError, match="2 images but 1 prompts"):
+        scorer.update(images[:2], prompts[:1])
