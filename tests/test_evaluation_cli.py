@@ -15,7 +15,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import evaluate  # noqa: E402
 
-from ldm_jax.evaluation import metrics as M  # noqa: E402
 from ldm_jax.evaluation.inception_weights import random_state_dict  # noqa: E402
 from ldm_jax.evaluation.statistics import load_stats  # noqa: E402
 from ldm_jax.interop.torch_weights import save_state_dict  # noqa: E402

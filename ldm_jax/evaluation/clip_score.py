@@ -264,8 +264,15 @@ class CLIPScorer:
 
     def __init__(self, module: CLIPModel, params, tokenizer):
         self.module, self.params, self.tokenizer = module, params, tokenizer
-        self._image = jax.jit(lambda p, x: module.apply({"params": p}, x, method="image_embeds"))
-        self._text = jax.jit(lambda p, i, m: module.apply({"params": p}, i, m, method="text_embeds"))
+        def image(p, x):
+            with jax.default_matmul_precision("float32"):  # no bf16 passes on accelerators
+                return module.apply({"params": p}, x, method="image_embeds")
+
+        def text(p, i, m):
+            with jax.default_matmul_precision("float32"):
+                return module.apply({"params": p}, i, m, method="text_embeds")
+
+        self._image, self._text = jax.jit(image), jax.jit(text)
         self.per_pair: list[np.ndarray] = []
 
     def update(self, images, prompts) -> None:
