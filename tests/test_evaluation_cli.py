@@ -171,3 +171,17 @@ def _tiny_model(tmp_path):
         schedule={"kind": "linear", "num_timesteps": 1000},
     )
     return t.save_model_folder(pipe, tmp_path / "tiny", step=1)
+
+
+def test_cli_reference_from_a_tfds_dataset_in_a_data_dir(files, tmp_path, capsys):
+    """--ref_data tfds:<name> goes through ldm_jax.data.build_dataset (tfds mock data stands in
+    for a prepared data_dir); its statistics file is written."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=8):
+        code, stdout, err = _run(["--inception", files["weights"], "--images", files["fake"], "--ref_data",
+                                  "tfds:mnist", "--ref_data_dir", tmp_path / "tfds", "--num_ref", 6, "--metrics",
+                                  "kid", "--kid_subsets", 2, "--kid_subset_size", 4, "--batch_size", 8,
+                                  "--save_ref_stats", tmp_path / "mnist.npz", "--no_progress"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["metrics"]["num_real"] == 6
+    assert load_stats(tmp_path / "mnist.npz").num_samples == 6
