@@ -1,10 +1,11 @@
 """FID Inception-v3 against pytorch-fid's InceptionV3 with random weights (no download)."""
 
+import importlib
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytorch_fid_inception = pytest.importorskip("pytorch_fid.inception")
+torch = importlib.import_module("torch")
+pytorch_fid_inception = importlib.import_module("pytorch_fid.inception")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -1,12 +1,13 @@
 """Image sets -> sharded Inception features -> statistics, against pytorch-fid's own
 ``calculate_activation_statistics`` on the same files (random weights, 75 px, no resize)."""
 
+import importlib
 import numpy as np
 import pytest
 from PIL import Image
 
-torch = pytest.importorskip("torch")
-pytorch_fid_inception = pytest.importorskip("pytorch_fid.inception")
+torch = importlib.import_module("torch")
+pytorch_fid_inception = importlib.import_module("pytorch_fid.inception")
 
 from ldm_jax.evaluation import inception_metrics as IM  # noqa: E402
 from ldm_jax.evaluation.images import ImageFiles, SourceImages, process_batches  # noqa: E402
@@ -51,7 +52,7 @@ def _write_images(folder, n, seed, size=SIZE):
 
 
 def test_folder_statistics_match_pytorch_fid_calculate_activation_statistics(tmp_path, feature_fn, torch_wrapper):
-    fid_score = pytest.importorskip("pytorch_fid.fid_score")
+    fid_score = importlib.import_module("pytorch_fid.fid_score")
     folder = _write_images(tmp_path / "real", 11, seed=0)
     ours = IM.inception_features(feature_fn, ImageFiles(folder), keep=("pool3",))
     files = sorted(str(p) for p in folder.glob("*.png"))
