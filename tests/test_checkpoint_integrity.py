@@ -267,3 +267,14 @@ def test_fingerprint_matches_numpy_reference_and_ignores_sharding(dtype, mesh):
     flipped = host.copy()
     flipped.view(np.uint8).reshape(-1)[37] ^= 0x01
     assert integrity.numpy_fingerprint(flipped) != reference
+
+
+def test_ema_params_read_alone_verify_against_the_manifest(run_dir, mesh):
+    """The inference path reads only the EMA tree as host arrays; it can still be verified."""
+    manifest = integrity.load_manifest(os.path.join(run_dir, str(NEWEST)))
+    ema = jax.tree.map(np.asarray, _state(mesh, NEWEST).ema_params)
+    assert integrity.verify_subtree(manifest, ema, ".ema_params") is None
+    ema["w"] = ema["w"].copy()
+    ema["w"][5, 5] += 1e-3
+    assert integrity.verify_subtree(manifest, ema, ".ema_params") == "checksum mismatch in .ema_params['w']"
+    assert integrity.load_manifest(os.path.join(run_dir, "nope")) is None

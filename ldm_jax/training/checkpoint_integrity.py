@@ -233,3 +233,32 @@ def non_finite_reason(tree: Any) -> str | None:
     """For checkpoints without a manifest: only the finiteness check is possible."""
     _, _, first_bad = summarize(tree)
     return None if first_bad is None else f"non-finite values in {first_bad}"
+
+
+def verify_subtree(manifest: Mapping[str, Any], subtree: Any, prefix: str) -> str | None:
+    """Like ``verify`` for part of a state read on its own, e.g. the EMA params restored as
+    host arrays for inference: ``verify_subtree(manifest, ema, ".ema_params")``."""
+    leaves, _, first_bad = summarize(subtree)
+    saved = manifest.get("leaves", {})
+    for name, summary in leaves.items():
+        full = prefix + name
+        if full not in saved:
+            return f"{full} is not in the manifest"
+        if saved[full] != summary:
+            return f"checksum mismatch in {full}"
+    if first_bad is not None:
+        return f"non-finite values in {prefix}{first_bad}"
+    return None
+
+
+def load_manifest(step_dir: str) -> dict | None:
+    """The manifest stored in a step directory (``<dir>/<step>``), None when it has none.
+    Reads only the small JSON item, for readers that do not hold a Checkpointer."""
+    import os
+
+    import orbax.checkpoint as ocp
+
+    path = os.path.join(step_dir, "manifest")
+    if not os.path.isdir(path):
+        return None
+    return dict(ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path))

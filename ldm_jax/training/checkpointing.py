@@ -78,7 +78,13 @@ class RestoredCheckpoint:
     damaged: tuple[DamagedCheckpoint, ...] = ()
 
 
-def _one_line(error: BaseException, limit: int = 240) -> str:
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    """The root cause of ``error`` on one line: orbax wraps TensorStore's message (which
+    names the array and the file) in a generic one that dumps the whole spec."""
+    seen = set()
+    while (error.__cause__ or error.__context__) is not None and id(error) not in seen:
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
     text = " ".join(str(error).split()) or type(error).__name__
     text = f"{type(error).__name__}: {text}"
     return text if len(text) <= limit else text[: limit - 3] + "..."
