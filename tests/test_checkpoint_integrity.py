@@ -278,3 +278,11 @@ def test_ema_params_read_alone_verify_against_the_manifest(run_dir, mesh):
     ema["w"][5, 5] += 1e-3
     assert integrity.verify_subtree(manifest, ema, ".ema_params") == "checksum mismatch in .ema_params['w']"
     assert integrity.load_manifest(os.path.join(run_dir, "nope")) is None
+
+
+@pytest.mark.parametrize("case", ["edited_metadata_json", "deleted_state_item"])
+def test_latest_intact_metadata_skips_a_damaged_newest_without_reading_arrays(case, run_dir):
+    CASES[case][0](os.path.join(run_dir, str(NEWEST)))
+    with Checkpointer(run_dir) as checkpointer:
+        assert checkpointer.latest_intact_metadata() == (PREVIOUS, {"step": PREVIOUS, "data_position": PREVIOUS * 10})
+        assert checkpointer.all_steps() == list(STEPS)  # nothing moved by a read

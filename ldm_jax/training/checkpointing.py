@@ -337,6 +337,23 @@ class Checkpointer:
         )
         return dict(restored[METADATA_ITEM])
 
+    def latest_intact_metadata(self) -> tuple[int, dict] | None:
+        """``(step, metadata)`` of the newest checkpoint whose files are all there and whose
+        metadata matches its manifest, read without the arrays (for start-up code that needs
+        e.g. the scale factor before the state exists); None when there is none. The arrays
+        are checked later by ``restore_latest_valid``, which may fall back further."""
+        for step in sorted(self.all_steps(), reverse=True):
+            if self._structure_problem(step) is not None:
+                continue
+            try:
+                manifest = self.read_manifest(step)
+                metadata = self.metadata(step)
+            except Exception:  # noqa: BLE001 - unreadable: try an older one
+                continue
+            if manifest is None or manifest.get("metadata_sha256") == integrity.metadata_digest(metadata):
+                return step, metadata
+        return None
+
     def wait_until_finished(self) -> None:
         self._manager.wait_until_finished()
         self._rotate()
