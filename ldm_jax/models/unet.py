@@ -124,17 +124,10 @@ def _transformer(block: nn.Module, channels: int, name: str) -> Transformer2D:
     )
 
 
-class DownBlock(nn.Module):
-    """diffusers ``DownBlock2D`` (``has_attention=False``) or ``CrossAttnDownBlock2D``:
-    ``num_layers`` x (ResnetBlock [-> Transformer2D]) then an optional stride-2 Downsample.
+class _UNetBlock(nn.Module, kw_only=True):
+    """Settings every down/mid/up block shares (keyword-only, so each block type adds its own
+    required fields in front): one list of fields instead of one per block type."""
 
-    Shapes: x [B, H, W, C_in], temb [B, D_t], context [B, S, D_ctx] or None ->
-    (x [B, H', W', out_channels], skips: one [B, ., ., out_channels] per layer and downsample).
-    """
-
-    out_channels: int
-    num_layers: int
-    add_downsample: bool
     has_attention: bool
     heads: int = 1
     transformer_depth: int = 1
@@ -146,6 +139,19 @@ class DownBlock(nn.Module):
     attention_implementation: str | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+
+
+class DownBlock(_UNetBlock):
+    """diffusers ``DownBlock2D`` (``has_attention=False``) or ``CrossAttnDownBlock2D``:
+    ``num_layers`` x (ResnetBlock [-> Transformer2D]) then an optional stride-2 Downsample.
+
+    Shapes: x [B, H, W, C_in], temb [B, D_t], context [B, S, D_ctx] or None ->
+    (x [B, H', W', out_channels], skips: one [B, ., ., out_channels] per layer and downsample).
+    """
+
+    out_channels: int
+    num_layers: int
+    add_downsample: bool
 
     @nn.compact
     def __call__(self, x, temb, context, deterministic: bool = True):
@@ -162,23 +168,12 @@ class DownBlock(nn.Module):
         return x, tuple(skips)
 
 
-class MidBlock(nn.Module):
+class MidBlock(_UNetBlock):
     """diffusers ``UNetMidBlock2DCrossAttn`` (ResnetBlock -> Transformer2D -> ResnetBlock) or,
     with ``has_attention=False``, ``UNetMidBlock2D`` as UNet2DConditionModel builds it (a single
     ResnetBlock). Shapes: x [B, H, W, C] -> [B, H, W, C]."""
 
-    has_attention: bool
-    heads: int = 1
-    transformer_depth: int = 1
-    use_linear_projection: bool = False
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-5
-    dropout: float = 0.0
     output_scale_factor: float = 1.0
-    time_embedding_norm: str = "default"
-    attention_implementation: str | None = None
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, temb, context, deterministic: bool = True):
@@ -190,7 +185,7 @@ class MidBlock(nn.Module):
         return x
 
 
-class UpBlock(nn.Module):
+class UpBlock(_UNetBlock):
     """diffusers ``UpBlock2D`` / ``CrossAttnUpBlock2D``: ``num_layers`` x (concat the last skip on
     channels -> ResnetBlock [-> Transformer2D]) then an optional nearest x2 Upsample.
 
@@ -201,17 +196,6 @@ class UpBlock(nn.Module):
     out_channels: int
     num_layers: int
     add_upsample: bool
-    has_attention: bool
-    heads: int = 1
-    transformer_depth: int = 1
-    use_linear_projection: bool = False
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-5
-    dropout: float = 0.0
-    time_embedding_norm: str = "default"
-    attention_implementation: str | None = None
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, skips, temb, context, deterministic: bool = True):
