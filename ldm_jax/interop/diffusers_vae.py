@@ -95,10 +95,13 @@ def autoencoder_kl_from_config(config: Mapping[str, Any], **overrides) -> Autoen
     ``overrides`` (e.g. ``dtype=jnp.bfloat16``) are passed to the module constructor.
     """
     kwargs = _common_kwargs(config, "AutoencoderKL", latent_channels=4)
+    stats = {}
     for key in ("latents_mean", "latents_std"):
         if config.get(key) is not None:
-            raise ValueError(f"config field {key}={config[key]!r} is not supported (per-channel latent statistics)")
+            stats[key] = tuple(float(v) for v in config[key])
     kwargs.update(
+        stats,
+        force_upcast=bool(config.get("force_upcast", True)),
         shift_factor=None if config.get("shift_factor") is None else float(config["shift_factor"]),
         use_quant_conv=config.get("use_quant_conv", True),
         use_post_quant_conv=config.get("use_post_quant_conv", True),
@@ -132,9 +135,9 @@ def autoencoder_kl_to_config(model: AutoencoderKL, sample_size: int = 512) -> di
     return dict(
         _common_config(model, "AutoencoderKL", sample_size),
         shift_factor=model.shift_factor,
-        latents_mean=None,
-        latents_std=None,
-        force_upcast=True,
+        latents_mean=None if model.latents_mean is None else list(model.latents_mean),
+        latents_std=None if model.latents_std is None else list(model.latents_std),
+        force_upcast=model.force_upcast,
         use_quant_conv=model.use_quant_conv,
         use_post_quant_conv=model.use_post_quant_conv,
     )
