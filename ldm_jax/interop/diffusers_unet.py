@@ -185,9 +185,11 @@ def load_diffusers_unet(path, *, variant: str | None = None, **unet_overrides) -
     return unet, params
 
 
-def save_diffusers_unet(path, unet: UNet, params, *, dtype=np.float32) -> None:
+def save_diffusers_unet(path, unet: UNet, params, *, dtype=np.float32, variant: str | None = None) -> None:
     """Write ``config.json`` and ``diffusion_pytorch_model.safetensors`` (weights in ``dtype``,
-    default float32) so that ``UNet2DConditionModel.from_pretrained(path)`` loads the same network."""
+    default float32) so that ``UNet2DConditionModel.from_pretrained(path)`` loads the same network.
+    ``variant="fp16"`` names the file ``diffusion_pytorch_model.fp16.safetensors`` (diffusers'
+    ``from_pretrained(..., variant="fp16")``); pair it with ``dtype=np.float16``."""
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     state = params_to_diffusers_state_dict(unet, params, dtype=dtype)
@@ -196,7 +198,8 @@ def save_diffusers_unet(path, unet: UNet, params, *, dtype=np.float32) -> None:
         config["_diffusers_version"] = importlib.metadata.version("diffusers")
     except importlib.metadata.PackageNotFoundError:  # informational only
         pass
-    save_state_dict(state, os.path.join(path, f"{WEIGHTS_NAME}.safetensors"), metadata={"format": "pt"})
+    suffix = f".{variant}" if variant else ""
+    save_state_dict(state, os.path.join(path, f"{WEIGHTS_NAME}{suffix}.safetensors"), metadata={"format": "pt"})
     tmp = os.path.join(path, CONFIG_NAME + ".tmp")
     with open(tmp, "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
