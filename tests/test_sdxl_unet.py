@@ -18,6 +18,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from ldm_jax.interop.diffusers_unet import load_diffusers_unet, save_diffusers_unet
+from ldm_jax.models.embeddings import sdxl_time_ids
 from ldm_jax.models.unet import UNet
 
 # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (model-defining keys).
@@ -258,3 +259,17 @@ def test_text_time_inputs_are_validated():
 def test_bad_sdxl_options_raise_naming_them(change, match):
     with pytest.raises(ValueError, match=match):
         UNet.from_diffusers_config({**TINY_PER_LAYER, **change})
+
+
+def test_sdxl_time_ids_order_and_refiner_variant():
+    # Order of the SDXL conditioning (SDXL paper sec. 2.2; sgm's ConcatTimestepEmbedderND inputs).
+    np.testing.assert_array_equal(np.asarray(sdxl_time_ids((1024, 768), (16, 32), (896, 1152))),
+                                  [1024, 768, 16, 32, 896, 1152])
+    np.testing.assert_array_equal(np.asarray(sdxl_time_ids((1024, 768), (0, 0), aesthetic_score=6.0)),
+                                  [1024, 768, 0, 0, 6.0])
+    with pytest.raises(ValueError, match="target_size"):
+        sdxl_time_ids((1024, 1024))
+    with pytest.raises(ValueError, match="not both"):
+        sdxl_time_ids((1024, 1024), (0, 0), (1024, 1024), aesthetic_score=6.0)
+    with pytest.raises(ValueError, match="pairs"):
+        sdxl_time_ids((1024,), (0, 0), (1024, 1024))

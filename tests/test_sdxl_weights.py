@@ -33,6 +33,7 @@ from ldm_jax.interop.diffusers_unet import load_diffusers_unet, save_diffusers_u
 from ldm_jax.interop.diffusers_vae import load_diffusers_autoencoder_kl, save_diffusers_autoencoder_kl
 from ldm_jax.interop.torch_weights import WeightsError
 from ldm_jax.interop.transformers_clip import load_clip_text_encoder, save_clip_text_encoder
+from ldm_jax.models.embeddings import sdxl_time_ids
 
 # 64-wide heads and 32 norm groups, as the single-file config inference assumes (SDXL releases).
 CLIP_L = dict(vocab_size=514, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=1,
@@ -216,6 +217,11 @@ def test_diffusers_sdxl_fp16_folder_round_trips_through_ldm_jax(base, tmp_path):
         for key in want:
             assert got[key].dtype == torch.float16 and torch.equal(got[key], want[key]), f"{name}: {key}"
     assert json.loads((dst / "vae" / "config.json").read_text())["scaling_factor"] == pytest.approx(0.13025)
+
+    # The micro-conditioning row our U-Net takes is the one diffusers' SDXL pipeline builds.
+    want = pipe._get_add_time_ids((1024, 768), (16, 32), (896, 1152), dtype=torch.float32,
+                                  text_encoder_projection_dim=32)
+    np.testing.assert_array_equal(np.asarray(sdxl_time_ids((1024, 768), (16, 32), (896, 1152)))[None], want.numpy())
 
 
 def _drop(sd: dict, key: str) -> dict:
