@@ -225,9 +225,19 @@ def test_sdxl_unet_param_count_matches_diffusers(name, cfg, known):
     theirs = sum(p.numel() for p in reference_model.parameters())
     print(f"SDXL {name} U-Net: {ours:,} parameters (diffusers {theirs:,})")
     assert ours == theirs == known
+    # Our exported config builds the same network in diffusers.
+    with torch.device("meta"):
+        exported = UNet2DConditionModel.from_config(unet.to_diffusers_config())
+    assert {k: v.shape for k, v in exported.state_dict().items()} == {
+        k: v.shape for k, v in reference_model.state_dict().items()
+    }
     # Same tensors, not only the same total.
     leaves = jax.tree.leaves(nn.meta.unbox(boxed))
     assert len(leaves) == len(list(reference_model.parameters()))
+    # Every parameter (add_embedding included) carries logical axis names for sharding.
+    boxes = jax.tree.leaves(boxed, is_leaf=lambda v: isinstance(v, nn.LogicallyPartitioned))
+    assert all(isinstance(b, nn.LogicallyPartitioned) and len(b.names) == b.value.ndim for b in boxes)
+    assert boxed["params"]["add_embedding"]["linear_1"]["kernel"].names == ("embed", "mlp")
 
 
 def test_text_time_inputs_are_validated():

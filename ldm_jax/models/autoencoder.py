@@ -354,7 +354,9 @@ class AutoencoderKL(nn.Module, _FirstStage):
             for name in ("latents_mean", "latents_std"):
                 value = getattr(self, name)
                 if len(value) != self.latent_channels:
-                    raise ValueError(f"{name}={tuple(value)!r} needs one entry per latent channel ({self.latent_channels})")
+                    raise ValueError(
+                        f"{name}={tuple(value)!r} needs one entry per latent channel ({self.latent_channels})"
+                    )
             if self.shift_factor is not None:
                 raise ValueError("set shift_factor or latents_mean/latents_std, not both")
             if min(self.latents_std) <= 0:
