@@ -13,6 +13,7 @@ Truths used:
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 
@@ -189,8 +190,9 @@ def test_diffusers_sdxl_fp16_folder_round_trips_through_ldm_jax(base, tmp_path):
     root.mkdir()
     _write_tokenizer(root / "tokenizer", "<|endoftext|>")
     _write_tokenizer(root / "tokenizer_2", "!")
+    copies = {name: copy.deepcopy(getattr(base, name)) for name in ("vae", "te", "te2", "unet")}  # .to() is in place
     pipe = StableDiffusionXLPipeline(
-        vae=base.vae, text_encoder=base.te, text_encoder_2=base.te2, unet=base.unet,
+        vae=copies["vae"], text_encoder=copies["te"], text_encoder_2=copies["te2"], unet=copies["unet"],
         tokenizer=HFCLIPTokenizer.from_pretrained(root / "tokenizer"),
         tokenizer_2=HFCLIPTokenizer.from_pretrained(root / "tokenizer_2"), scheduler=EulerDiscreteScheduler(),
     ).to(torch.float16)
@@ -254,3 +256,18 @@ def test_sgm_mis_shaped_and_unknown_keys_fail_naming_them(base):
         sgm.split_sgm_state_dict(dict(base.sgm, **{key: np.zeros(3, np.float32)}))
     with pytest.raises(WeightsError, match="conditioner.embedders.0.transformer"):
         sgm.detect_kind({k: v for k, v in base.sgm.items() if not k.startswith(sgm.CLIP_L_PREFIX)})
+
+
+def test_sharded_fp16_variants_load_like_single_files(base, tmp_path):
+    # diffusers / transformers name sharded variants "...safetensors.index.fp16.json".
+    base.unet.save_pretrained(tmp_path / "unet", variant="fp16", max_shard_size="300KB")
+    base.te2.save_pretrained(tmp_path / "te2", variant="fp16", max_shard_size="100KB")
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors.index.fp16.json").is_file()
+    assert (tmp_path / "te2" / "model.safetensors.index.fp16.json").is_file()
+    _, unet_params = load_diffusers_unet(tmp_path / "unet", variant="fp16")
+    want = base.state["unet"]["up_blocks.0.attentions.1.proj_out.weight"]
+    np.testing.assert_array_equal(np.asarray(unet_params["up_blocks_0"]["attentions_1"]["proj_out"]["kernel"]), want.T)
+    module, params = load_clip_text_encoder(tmp_path / "te2", variant="fp16")
+    assert module.with_projection
+    np.testing.assert_array_equal(np.asarray(params["text_projection"]["kernel"]),
+                                  base.state["text_encoder_2"]["text_projection.weight"].T)

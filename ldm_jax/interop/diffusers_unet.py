@@ -143,7 +143,9 @@ def _find_weights(folder: str, variant: str | None) -> list[str]:
         single = os.path.join(folder, f"{WEIGHTS_NAME}{suffix}{ext}")
         if os.path.isfile(single):
             return [single]
-        index = os.path.join(folder, f"{WEIGHTS_NAME}{suffix}{ext}.index.json")
+        # diffusers puts a variant before the last suffix: "...safetensors.index.fp16.json".
+        index_name = f"{WEIGHTS_NAME}{ext}.index.{variant}.json" if variant else f"{WEIGHTS_NAME}{ext}.index.json"
+        index = os.path.join(folder, index_name)
         if os.path.isfile(index):
             with open(index) as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))

@@ -146,7 +146,9 @@ def state_dict_from_params(params: Mapping, config: CLIPTextConfig, prefix: str 
 
 def _read_folder_weights(folder: str, variant: str | None = None) -> dict[str, np.ndarray]:
     suffix = f".{variant}" if variant else ""
-    index = os.path.join(folder, f"model{suffix}.safetensors.index.json")
+    # transformers puts a variant before the last suffix: "model.safetensors.index.fp16.json".
+    index_name = f"model.safetensors.index.{variant}.json" if variant else "model.safetensors.index.json"
+    index = os.path.join(folder, index_name)
     if os.path.isfile(index):
         with open(index, encoding="utf-8") as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
