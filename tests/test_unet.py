@@ -249,7 +249,7 @@ def test_loader_wrong_shape_names_it(reference, linear_state_dict):
 
 @pytest.mark.parametrize(
     "option, value",
-    [("addition_embed_type", "text_time"), ("class_embed_type", "timestep"), ("only_cross_attention", True)],
+    [("addition_embed_type", "text_image"), ("class_embed_type", "timestep"), ("only_cross_attention", True)],
 )
 def test_unsupported_diffusers_option_raises_naming_it(option, value):
     with pytest.raises(ValueError, match=option):

@@ -143,7 +143,9 @@ def _find_weights(folder: str, variant: str | None) -> list[str]:
         single = os.path.join(folder, f"{WEIGHTS_NAME}{suffix}{ext}")
         if os.path.isfile(single):
             return [single]
-        index = os.path.join(folder, f"{WEIGHTS_NAME}{suffix}{ext}.index.json")
+        # diffusers puts a variant before the last suffix: "...safetensors.index.fp16.json".
+        index_name = f"{WEIGHTS_NAME}{ext}.index.{variant}.json" if variant else f"{WEIGHTS_NAME}{ext}.index.json"
+        index = os.path.join(folder, index_name)
         if os.path.isfile(index):
             with open(index) as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
@@ -185,9 +187,11 @@ def load_diffusers_unet(path, *, variant: str | None = None, **unet_overrides) -
     return unet, params
 
 
-def save_diffusers_unet(path, unet: UNet, params, *, dtype=np.float32) -> None:
+def save_diffusers_unet(path, unet: UNet, params, *, dtype=np.float32, variant: str | None = None) -> None:
     """Write ``config.json`` and ``diffusion_pytorch_model.safetensors`` (weights in ``dtype``,
-    default float32) so that ``UNet2DConditionModel.from_pretrained(path)`` loads the same network."""
+    default float32) so that ``UNet2DConditionModel.from_pretrained(path)`` loads the same network.
+    ``variant="fp16"`` names the file ``diffusion_pytorch_model.fp16.safetensors`` (diffusers'
+    ``from_pretrained(..., variant="fp16")``); pair it with ``dtype=np.float16``."""
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     state = params_to_diffusers_state_dict(unet, params, dtype=dtype)
@@ -196,7 +200,8 @@ def save_diffusers_unet(path, unet: UNet, params, *, dtype=np.float32) -> None:
         config["_diffusers_version"] = importlib.metadata.version("diffusers")
     except importlib.metadata.PackageNotFoundError:  # informational only
         pass
-    save_state_dict(state, os.path.join(path, f"{WEIGHTS_NAME}.safetensors"), metadata={"format": "pt"})
+    suffix = f".{variant}" if variant else ""
+    save_state_dict(state, os.path.join(path, f"{WEIGHTS_NAME}{suffix}.safetensors"), metadata={"format": "pt"})
     tmp = os.path.join(path, CONFIG_NAME + ".tmp")
     with open(tmp, "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)

@@ -95,10 +95,13 @@ def autoencoder_kl_from_config(config: Mapping[str, Any], **overrides) -> Autoen
     ``overrides`` (e.g. ``dtype=jnp.bfloat16``) are passed to the module constructor.
     """
     kwargs = _common_kwargs(config, "AutoencoderKL", latent_channels=4)
+    stats = {}
     for key in ("latents_mean", "latents_std"):
         if config.get(key) is not None:
-            raise ValueError(f"config field {key}={config[key]!r} is not supported (per-channel latent statistics)")
+            stats[key] = tuple(float(v) for v in config[key])
     kwargs.update(
+        stats,
+        force_upcast=bool(config.get("force_upcast", True)),
         shift_factor=None if config.get("shift_factor") is None else float(config["shift_factor"]),
         use_quant_conv=config.get("use_quant_conv", True),
         use_post_quant_conv=config.get("use_post_quant_conv", True),
@@ -132,9 +135,9 @@ def autoencoder_kl_to_config(model: AutoencoderKL, sample_size: int = 512) -> di
     return dict(
         _common_config(model, "AutoencoderKL", sample_size),
         shift_factor=model.shift_factor,
-        latents_mean=None,
-        latents_std=None,
-        force_upcast=True,
+        latents_mean=None if model.latents_mean is None else list(model.latents_mean),
+        latents_std=None if model.latents_std is None else list(model.latents_std),
+        force_upcast=model.force_upcast,
         use_quant_conv=model.use_quant_conv,
         use_post_quant_conv=model.use_post_quant_conv,
     )
@@ -292,42 +295,66 @@ def state_dict_from_variables(variables) -> dict[str, np.ndarray]:
     return out
 
 
-def _weights_path(folder: str) -> str:
-    for name in WEIGHTS_NAMES:
+def _weights_name(name: str, variant: str | None) -> str:
+    """``diffusion_pytorch_model.safetensors`` -> ``diffusion_pytorch_model.<variant>.safetensors``."""
+    if not variant:
+        return name
+    stem, ext = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{ext}"
+
+
+def _weights_path(folder: str, variant: str | None = None) -> str:
+    names = [_weights_name(n, variant) for n in WEIGHTS_NAMES]
+    for name in names:
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             return path
-    raise FileNotFoundError(f"no {' or '.join(WEIGHTS_NAMES)} in {folder}")
+    raise FileNotFoundError(f"no {' or '.join(names)} in {folder}")
 
 
 # ----------------------------------------------------------------------------- folders
 
 
-def _write_folder(folder, config: dict, state: dict) -> None:
+def _write_folder(folder, config: dict, state: dict, dtype=None, variant: str | None = None) -> None:
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, CONFIG_NAME), "w") as f:
         json.dump(config, f, indent=2)
-    save_state_dict(state, os.path.join(folder, WEIGHTS_NAMES[0]))
+    if dtype is not None:
+        state = {k: np.asarray(v).astype(dtype) for k, v in state.items()}
+    save_state_dict(state, os.path.join(folder, _weights_name(WEIGHTS_NAMES[0], variant)))
 
 
-def load_diffusers_autoencoder_kl(folder: str | os.PathLike, **overrides) -> tuple[AutoencoderKL, dict]:
+def load_diffusers_autoencoder_kl(
+    folder: str | os.PathLike, *, variant: str | None = None, **overrides
+) -> tuple[AutoencoderKL, dict]:
     """Load a diffusers ``AutoencoderKL`` folder -> (module, params).
 
     ``overrides`` go to the module constructor (e.g. ``dtype=jnp.bfloat16``). ``params`` is
     the ``"params"`` collection with logical-axis boxes: ``module.apply({"params": params}, x)``.
+    ``variant="fp16"`` reads ``diffusion_pytorch_model.fp16.safetensors`` (cast to ``param_dtype``).
     """
     folder = os.fspath(folder)
     model = autoencoder_kl_from_config(_read_config(folder), **overrides)
-    path = _weights_path(folder)
+    path = _weights_path(folder, variant)
     variables = variables_from_state_dict(model, load_state_dict(path), source=path)
     return model, variables["params"]
 
 
-def save_diffusers_autoencoder_kl(model: AutoencoderKL, params, folder: str | os.PathLike, sample_size: int = 512):
+def save_diffusers_autoencoder_kl(
+    model: AutoencoderKL,
+    params,
+    folder: str | os.PathLike,
+    sample_size: int = 512,
+    *,
+    dtype=None,
+    variant: str | None = None,
+):
     """Write ``config.json`` + ``diffusion_pytorch_model.safetensors`` that
-    ``diffusers.AutoencoderKL.from_pretrained(folder)`` loads."""
-    _write_folder(folder, autoencoder_kl_to_config(model, sample_size), state_dict_from_variables({"params": params}))
+    ``diffusers.AutoencoderKL.from_pretrained(folder)`` loads. ``dtype`` (e.g. ``np.float16``)
+    casts the weights; ``variant="fp16"`` names the file ``diffusion_pytorch_model.fp16.safetensors``."""
+    state = state_dict_from_variables({"params": params})
+    _write_folder(folder, autoencoder_kl_to_config(model, sample_size), state, dtype, variant)
 
 
 def load_diffusers_vq_model(folder: str | os.PathLike, **overrides) -> tuple[VQModel, dict]:

@@ -1,10 +1,14 @@
-"""Convert between transformers ``CLIPTextModel`` folders and :class:`CLIPTextEncoder` params.
+"""Convert between transformers ``CLIPTextModel`` / ``CLIPTextModelWithProjection`` folders and
+:class:`CLIPTextEncoder` params.
 
 A folder holds ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``, or a
 sharded ``model.safetensors.index.json``); a diffusers pipeline's ``text_encoder/`` folder is
 such a folder. Keys may carry the ``text_model.`` prefix (transformers < 5 and every Stable
 Diffusion checkpoint) or not (transformers >= 5); both load. Export writes ``text_model.``-
-prefixed keys, which both transformers 4.x and 5.x read.
+prefixed keys, which both transformers 4.x and 5.x read. ``CLIPTextModelWithProjection`` (SDXL's
+``text_encoder_2``) adds ``text_projection.weight`` beside the ``text_model.`` keys; the folder's
+``architectures`` entry says which class it is. fp16 variants (``model.fp16.safetensors``) load
+with ``variant="fp16"``.
 
     module, params = load_clip_text_encoder("sd15/text_encoder")
     out = module.apply({"params": params}, ids)
@@ -62,12 +66,15 @@ def params_from_state_dict(
     source: str = "checkpoint",
     dtype=jnp.float32,
     prefix: str | None = None,
+    with_projection: bool = False,
 ) -> dict:
     """A flat torch ``CLIPTextModel`` state dict -> Flax params for ``CLIPTextEncoder(config)``.
 
     ``prefix`` is prepended to every torch name; None detects ``"text_model."`` or no prefix.
     (A CompVis SD 1.x checkpoint's text encoder lives under
     ``"cond_stage_model.transformer.text_model."``; pass only those keys.)
+    ``with_projection`` also reads ``text_projection.weight`` [projection_dim, hidden_size], which
+    sits beside the ``text_model.`` tree (the prefix without its ``text_model.`` tail).
     Raises ``WeightsError`` naming any missing, unexpected or mis-shaped key. The
     ``position_ids`` buffer is skipped when present.
     """
@@ -96,8 +103,17 @@ def params_from_state_dict(
         for name in path[:-1]:
             node = node.setdefault(name, {})
         node[path[-1]] = {k: jnp.asarray(np.asarray(v, dtype=np.float32), dtype=dtype) for k, v in leaf.items()}
+    if with_projection:
+        key = _projection_key(prefix)
+        kernel = linear_to_flax(state.take(key, (config.projection_dim, d)))
+        params["text_projection"] = {"kernel": jnp.asarray(np.asarray(kernel, dtype=np.float32), dtype=dtype)}
     state.finish()
     return params
+
+
+def _projection_key(prefix: str) -> str:
+    root = prefix[: -len(EXPORT_PREFIX)] if prefix.endswith(EXPORT_PREFIX) else prefix
+    return root + "text_projection.weight"
 
 
 def state_dict_from_params(params: Mapping, config: CLIPTextConfig, prefix: str = EXPORT_PREFIX) -> dict[str, np.ndarray]:
@@ -123,11 +139,16 @@ def state_dict_from_params(params: Mapping, config: CLIPTextConfig, prefix: str 
         else:
             out[key + ".weight"] = linear_from_flax(as_np(node["kernel"]))
             out[key + ".bias"] = as_np(node["bias"])
+    if "text_projection" in params:  # CLIPTextModelWithProjection
+        out[_projection_key(prefix)] = linear_from_flax(np.asarray(params["text_projection"]["kernel"], np.float32))
     return out
 
 
-def _read_folder_weights(folder: str) -> dict[str, np.ndarray]:
-    index = os.path.join(folder, "model.safetensors.index.json")
+def _read_folder_weights(folder: str, variant: str | None = None) -> dict[str, np.ndarray]:
+    suffix = f".{variant}" if variant else ""
+    # transformers puts a variant before the last suffix: "model.safetensors.index.fp16.json".
+    index_name = f"model.safetensors.index.{variant}.json" if variant else "model.safetensors.index.json"
+    index = os.path.join(folder, index_name)
     if os.path.isfile(index):
         with open(index, encoding="utf-8") as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
@@ -135,11 +156,25 @@ def _read_folder_weights(folder: str) -> dict[str, np.ndarray]:
         for shard in shards:
             tensors.update(load_state_dict(os.path.join(folder, shard)))
         return tensors
-    for name in ("model.safetensors", "pytorch_model.bin"):
+    names = (f"model{suffix}.safetensors", f"pytorch_model{suffix}.bin")
+    for name in names:
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             return load_state_dict(path)
-    raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {folder}")
+    raise FileNotFoundError(f"no {' or '.join(names)} in {folder}")
+
+
+_PROJECTION_ARCHITECTURE = "CLIPTextModelWithProjection"
+
+
+def _resolve_folder(folder: str, subfolder: str | None) -> str:
+    if subfolder is not None:
+        return os.path.join(folder, subfolder)
+    if not os.path.isfile(os.path.join(folder, "config.json")) and os.path.isfile(
+        os.path.join(folder, "text_encoder", "config.json")
+    ):
+        return os.path.join(folder, "text_encoder")
+    return folder
 
 
 def load_clip_text_encoder(
@@ -149,35 +184,50 @@ def load_clip_text_encoder(
     context_final_norm: bool = True,
     dtype: Any = jnp.float32,
     param_dtype: Any = jnp.float32,
+    subfolder: str | None = None,
+    variant: str | None = None,
 ) -> tuple[CLIPTextEncoder, dict]:
-    """Load a transformers ``CLIPTextModel`` folder -> ``(module, params)`` (unboxed arrays).
+    """Load a transformers ``CLIPTextModel`` or ``CLIPTextModelWithProjection`` folder ->
+    ``(module, params)`` (unboxed arrays); the config's ``architectures`` decides
+    ``with_projection``.
 
-    A diffusers pipeline folder works too (its ``text_encoder/`` subfolder is used).
+    A diffusers pipeline folder works too: its ``text_encoder/`` subfolder by default, or
+    ``subfolder`` (SDXL: ``"text_encoder_2"``). ``variant="fp16"`` reads ``model.fp16.safetensors``.
     """
-    folder = os.fspath(folder)
-    if not os.path.isfile(os.path.join(folder, "config.json")) and os.path.isfile(
-        os.path.join(folder, "text_encoder", "config.json")
-    ):
-        folder = os.path.join(folder, "text_encoder")
+    folder = _resolve_folder(os.fspath(folder), subfolder)
     config_path = os.path.join(folder, "config.json")
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"config.json not found in {folder}")
     with open(config_path, encoding="utf-8") as f:
-        config = CLIPTextConfig.from_dict(json.load(f))
-    params = params_from_state_dict(_read_folder_weights(folder), config, source=folder, dtype=param_dtype)
+        raw = json.load(f)
+    config = CLIPTextConfig.from_dict(raw)
+    architectures = raw.get("architectures") or ["CLIPTextModel"]
+    with_projection = _PROJECTION_ARCHITECTURE in architectures
+    params = params_from_state_dict(_read_folder_weights(folder, variant), config, source=folder, dtype=param_dtype,
+                                    with_projection=with_projection)
     module = CLIPTextEncoder(config, context_layer=context_layer, context_final_norm=context_final_norm,
-                             dtype=dtype, param_dtype=param_dtype)
+                             with_projection=with_projection, dtype=dtype, param_dtype=param_dtype)
     return module, params
 
 
-def save_clip_text_encoder(folder: str | os.PathLike, config: CLIPTextConfig, params: Mapping) -> None:
+def save_clip_text_encoder(
+    folder: str | os.PathLike, config: CLIPTextConfig, params: Mapping, *, dtype=np.float32, variant: str | None = None
+) -> None:
     """Write ``config.json`` + ``model.safetensors`` that ``transformers.CLIPTextModel.from_pretrained``
-    loads."""
+    (``CLIPTextModelWithProjection`` when ``params`` hold ``text_projection``) loads.
+
+    ``dtype`` casts the weights (e.g. ``np.float16``); ``variant="fp16"`` names the file
+    ``model.fp16.safetensors`` as diffusers' fp16 folders do."""
     folder = os.fspath(folder)
     os.makedirs(folder, exist_ok=True)
-    save_state_dict(state_dict_from_params(params, config), os.path.join(folder, "model.safetensors"),
-                    metadata={"format": "pt"})
+    state = {k: v.astype(dtype) for k, v in state_dict_from_params(params, config).items()}
+    suffix = f".{variant}" if variant else ""
+    save_state_dict(state, os.path.join(folder, f"model{suffix}.safetensors"), metadata={"format": "pt"})
+    tree = meta.unbox(params)
+    if "params" in tree and "embeddings" not in tree:
+        tree = tree["params"]
+    with_projection = "text_projection" in tree
     tmp = os.path.join(folder, "config.json.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+        json.dump(config.to_dict(with_projection=with_projection), f, indent=2, sort_keys=True)
     os.replace(tmp, os.path.join(folder, "config.json"))

@@ -13,7 +13,13 @@ The diffusion stage never sees raw autoencoder latents. It sees::
 
 with ``z`` a posterior sample (KL) or the pre-quantisation encoder output (VQ; LDM's VQ
 models let the decoder quantise, see ``VQModel.decode``). ``scale_factor`` makes the latents
-roughly unit variance (Stable Diffusion 1.x/2.x: 0.18215, LDM paper sec. 4.3.2 / D.1). Use
+roughly unit variance (Stable Diffusion 1.x/2.x: 0.18215, SDXL: 0.13025; LDM paper sec. 4.3.2 /
+D.1). An ``AutoencoderKL`` with per-channel ``latents_mean``/``latents_std`` (diffusers' config
+keys, e.g. Playground v2.5's SDXL VAE) instead uses, as diffusers' SDXL pipelines do::
+
+    latents_for_diffusion = scale_factor * (z - latents_mean) / latents_std
+
+Use
 :meth:`AutoencoderKL.latents_for_diffusion` and :meth:`AutoencoderKL.latents_from_diffusion`
 rather than repeating the formula.
 """
@@ -314,9 +320,13 @@ class AutoencoderKL(nn.Module, _FirstStage):
     ``decode(z) -> images`` [B, H, W, out_channels]; ``__call__(x, key)`` returns
     ``(reconstruction, posterior)`` decoding a posterior sample (``key`` given) or its mean.
 
-    ``scale_factor`` (SD: 0.18215) and optional ``shift_factor`` relate latents to what the
-    diffusion stage sees: ``latents_for_diffusion = scale_factor * (z - shift_factor)``.
-    Images are expected in [-1, 1].
+    ``scale_factor`` (SD: 0.18215, SDXL: 0.13025) and optional ``shift_factor`` or per-channel
+    ``latents_mean``/``latents_std`` relate latents to what the diffusion stage sees (module
+    docstring). Images are expected in [-1, 1].
+
+    ``force_upcast`` (diffusers' config key, default True as there): with a float16 ``dtype``
+    the whole autoencoder computes in float32 (params may stay float16), because SDXL's VAE
+    overflows float16 activations; bfloat16 (float32's range) is left as is.
     """
 
     in_channels: int = 3
@@ -327,14 +337,55 @@ class AutoencoderKL(nn.Module, _FirstStage):
     norm_num_groups: int = 32
     scale_factor: float = 0.18215
     shift_factor: float | None = None
+    latents_mean: Sequence[float] | None = None
+    latents_std: Sequence[float] | None = None
+    force_upcast: bool = True
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
+    def __post_init__(self):
+        super().__post_init__()
+        if (self.latents_mean is None) != (self.latents_std is None):
+            raise ValueError("latents_mean and latents_std must be given together")
+        if self.latents_mean is not None:
+            for name in ("latents_mean", "latents_std"):
+                value = getattr(self, name)
+                if len(value) != self.latent_channels:
+                    raise ValueError(
+                        f"{name}={tuple(value)!r} needs one entry per latent channel ({self.latent_channels})"
+                    )
+            if self.shift_factor is not None:
+                raise ValueError("set shift_factor or latents_mean/latents_std, not both")
+            if min(self.latents_std) <= 0:
+                raise ValueError(f"latents_std={tuple(self.latents_std)!r} must be positive")
+
+    @property
+    def compute_dtype(self) -> Dtype:
+        """The dtype the autoencoder really computes in (see ``force_upcast``)."""
+        if self.force_upcast and jnp.dtype(self.dtype) == jnp.float16:
+            return jnp.float32
+        return self.dtype
+
+    def _coder_kwargs(self) -> dict:
+        return dict(super()._coder_kwargs(), dtype=self.compute_dtype)
+
+    def latents_for_diffusion(self, z):
+        if self.latents_mean is None:
+            return super().latents_for_diffusion(z)
+        mean, std = jnp.asarray(self.latents_mean, jnp.float32), jnp.asarray(self.latents_std, jnp.float32)
+        return self.scale_factor * (z - mean) / std  # per channel: the last (NHWC) axis
+
+    def latents_from_diffusion(self, latents):
+        if self.latents_mean is None:
+            return super().latents_from_diffusion(latents)
+        mean, std = jnp.asarray(self.latents_mean, jnp.float32), jnp.asarray(self.latents_std, jnp.float32)
+        return latents * std / self.scale_factor + mean
+
     def setup(self):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.compute_dtype, param_dtype=self.param_dtype)
         self.encoder = Encoder(latent_channels=self.latent_channels, double_z=True, **self._coder_kwargs())
         self.decoder = Decoder(out_channels=self.out_channels, **self._coder_kwargs())
         if self.use_quant_conv:
@@ -359,7 +410,7 @@ class AutoencoderKL(nn.Module, _FirstStage):
         first, see ``latents_from_diffusion``) -> images [B, h*f, w*f, out_channels]."""
         if z.ndim != 4 or z.shape[-1] != self.latent_channels:
             raise ValueError(f"expected NHWC latents with {self.latent_channels} channels, got shape {z.shape}")
-        z = z.astype(self.dtype)
+        z = z.astype(self.compute_dtype)
         if self.use_post_quant_conv:
             z = self.post_quant_conv(z)
         return self.decoder(z, return_last_layer_input=return_last_layer_input)

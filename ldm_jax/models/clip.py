@@ -1,10 +1,12 @@
-"""CLIP text encoder (the text tower of CLIP ViT-L/14 used by Stable Diffusion 1.x, and of
-OpenCLIP ViT-H/14 used by 2.x), laid out like transformers' ``CLIPTextModel`` so that weights
-convert by renaming (see ``ldm_jax.interop.transformers_clip``).
+"""CLIP text encoder (the text tower of CLIP ViT-L/14 used by Stable Diffusion 1.x and SDXL, of
+OpenCLIP ViT-H/14 used by 2.x, and of OpenCLIP ViT-bigG/14 used by SDXL), laid out like
+transformers' ``CLIPTextModel`` / ``CLIPTextModelWithProjection`` so that weights convert by
+renaming (see ``ldm_jax.interop.transformers_clip``).
 
 Architecture: token + learned position embeddings -> N pre-LayerNorm transformer layers
 (causal self-attention, MLP with quick_gelu or gelu) -> final LayerNorm. The pooled output is
-the final hidden state at the end-of-text token.
+the final hidden state at the end-of-text token; ``with_projection`` adds transformers'
+``text_projection`` (no bias) of it, ``text_embeds`` (SDXL's pooled conditioning).
 
 Parameter tree (Flax names, torch names in brackets)::
 
@@ -15,6 +17,7 @@ Parameter tree (Flax names, torch names in brackets)::
     encoder/layers_{i}/layer_norm2
     encoder/layers_{i}/mlp/fc1, mlp/fc2
     final_layer_norm
+    text_projection/kernel (with_projection)      [text_projection.weight]
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class CLIPTextConfig:
     bos_token_id: int = 0
     eos_token_id: int = LEGACY_EOS_TOKEN_ID
     pad_token_id: int = 1
+    projection_dim: int = 512  # width of text_embeds (only used with_projection)
 
     def __post_init__(self):
         if self.hidden_act not in ACTIVATIONS:
@@ -67,15 +71,16 @@ class CLIPTextConfig:
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
             )
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "max_position_embeddings"):
+                     "max_position_embeddings", "projection_dim"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
 
     @classmethod
     def vit_l14(cls) -> "CLIPTextConfig":
-        """OpenAI CLIP ViT-L/14 text tower (Stable Diffusion 1.x): 123,060,480 parameters."""
-        return cls()
+        """OpenAI CLIP ViT-L/14 text tower (Stable Diffusion 1.x, SDXL's first encoder):
+        123,060,480 parameters."""
+        return cls(projection_dim=768)
 
     @classmethod
     def open_clip_vit_h14(cls, num_hidden_layers: int = 23) -> "CLIPTextConfig":
@@ -83,6 +88,13 @@ class CLIPTextConfig:
         last of its 24 layers removed (23), which equals the "penultimate" output of the full tower."""
         return cls(hidden_size=1024, intermediate_size=4096, num_hidden_layers=num_hidden_layers,
                    num_attention_heads=16, hidden_act="gelu")
+
+    @classmethod
+    def open_clip_vit_bigg14(cls) -> "CLIPTextConfig":
+        """OpenCLIP ViT-bigG/14 text tower, SDXL's ``text_encoder_2`` (a transformers
+        ``CLIPTextModelWithProjection``: 32 layers of width 1280, 1280-wide projection)."""
+        return cls(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                   hidden_act="gelu", projection_dim=1280)
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> "CLIPTextConfig":
@@ -96,10 +108,11 @@ class CLIPTextConfig:
             raise ValueError(f"a list eos_token_id is not supported: {kwargs['eos_token_id']!r}")
         return cls(**kwargs)
 
-    def to_dict(self) -> dict[str, Any]:
-        """A transformers-loadable ``CLIPTextModel`` config dict."""
+    def to_dict(self, with_projection: bool = False) -> dict[str, Any]:
+        """A transformers-loadable ``CLIPTextModel`` (``CLIPTextModelWithProjection``) config dict."""
         out = dataclasses.asdict(self)
-        out.update(architectures=["CLIPTextModel"], model_type="clip_text_model", attention_dropout=0.0,
+        architecture = "CLIPTextModelWithProjection" if with_projection else "CLIPTextModel"
+        out.update(architectures=[architecture], model_type="clip_text_model", attention_dropout=0.0,
                    initializer_factor=1.0, initializer_range=0.02, torch_dtype="float32")
         return out
 
@@ -218,12 +231,15 @@ class CLIPTextOutput(NamedTuple):
     pooled_output: [B, D], ``last_hidden_state`` at the end-of-text token.
     hidden_states: tuple of num_layers + 1 arrays [B, L, D] (embeddings, then each layer,
       without final LayerNorm) when requested, else None.
+    text_embeds: [B, projection_dim], ``text_projection(pooled_output)`` when the encoder was
+      built ``with_projection`` (transformers' ``CLIPTextModelWithProjection.text_embeds``), else None.
     """
 
     context: jax.Array
     last_hidden_state: jax.Array
     pooled_output: jax.Array
     hidden_states: tuple | None = None
+    text_embeds: jax.Array | None = None
 
 
 class CLIPTextEncoder(nn.Module):
@@ -235,6 +251,9 @@ class CLIPTextEncoder(nn.Module):
         the full 24-layer OpenCLIP tower: ``hidden_states[-2]``, followed by the final LayerNorm
         when ``context_final_norm``; SDXL-style skips that norm).
       context_final_norm: apply ``final_layer_norm`` to the penultimate context.
+      with_projection: add ``text_projection`` and return ``text_embeds`` (SDXL's second
+        encoder is ``context_layer="penultimate", context_final_norm=False, with_projection=True``;
+        its first, CLIP ViT-L/14, the same without projection).
       dtype: compute dtype (LayerNorms and softmax stay float32); param_dtype: parameters.
 
     Call: ``(input_ids int [B, L], attention_mask [B, L] or None, output_hidden_states=False)``
@@ -246,6 +265,7 @@ class CLIPTextEncoder(nn.Module):
     config: CLIPTextConfig = CLIPTextConfig()
     context_layer: str = "last"
     context_final_norm: bool = True
+    with_projection: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -284,7 +304,10 @@ class CLIPTextEncoder(nn.Module):
             context = last if self.context_final_norm else states[-1]
         else:
             context = final_norm(states[-2]).astype(self.dtype) if self.context_final_norm else states[-2]
-        return CLIPTextOutput(context, last, pooled, states if output_hidden_states else None)
+        text_embeds = None
+        if self.with_projection:
+            text_embeds = P.dense(cfg.projection_dim, use_bias=False, name="text_projection", **kw)(pooled)
+        return CLIPTextOutput(context, last, pooled, states if output_hidden_states else None, text_embeds)
 
 
 class TextEmbeddings(nn.Module):

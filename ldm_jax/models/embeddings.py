@@ -77,3 +77,34 @@ class TimestepEmbedding(nn.Module):
         h = P.dense(self.features, name="linear_1", **kw)(x.astype(self.dtype))
         h = nn.silu(h)
         return P.dense(self.out_features or self.features, name="linear_2", **kw)(h)
+
+
+def sdxl_time_ids(
+    original_size: tuple[int, int],
+    crops_coords_top_left: tuple[int, int] = (0, 0),
+    target_size: tuple[int, int] | None = None,
+    *,
+    aesthetic_score: float | None = None,
+) -> jnp.ndarray:
+    """SDXL's micro-conditioning ids for one image, the U-Net's ``time_ids`` row, in the order
+    the SDXL U-Nets were trained with (and diffusers' ``_get_add_time_ids`` writes):
+
+    * base: ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)`` - 6 ids;
+    * refiner (``aesthetic_score`` given): ``(orig_h, orig_w, crop_top, crop_left, score)`` - 5 ids.
+
+    Sizes are (height, width) in pixels. Returns float32 [N]; broadcast to [B, N] for a batch.
+    """
+    if aesthetic_score is not None:
+        if target_size is not None:
+            raise ValueError("the refiner's time ids take aesthetic_score instead of target_size, not both")
+        ids = (*original_size, *crops_coords_top_left, aesthetic_score)
+    else:
+        if target_size is None:
+            raise ValueError("target_size is required (or aesthetic_score for the refiner)")
+        ids = (*original_size, *crops_coords_top_left, *target_size)
+    if len(ids) != (5 if aesthetic_score is not None else 6):
+        raise ValueError(
+            f"original_size {original_size!r}, crops_coords_top_left {crops_coords_top_left!r} and target_size "
+            f"{target_size!r} must be (height, width) / (top, left) pairs"
+        )
+    return jnp.asarray(ids, jnp.float32)

@@ -250,15 +250,21 @@ class CLIPTokenizer:
         return cls(vocab, read_merges(merges_file), **kwargs)
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, **overrides) -> "CLIPTokenizer":
+    def from_pretrained(
+        cls, folder: str | os.PathLike, *, subfolder: str | None = None, **overrides
+    ) -> "CLIPTokenizer":
         """Load a transformers tokenizer folder (``vocab.json``, ``merges.txt`` and, when present,
         ``tokenizer_config.json`` / ``special_tokens_map.json`` for special tokens and
         ``model_max_length``). A diffusers pipeline folder works too (its ``tokenizer/``
-        subfolder is used). ``overrides`` win over the files. Added tokens other than
-        BOS/EOS/PAD/UNK (``added_tokens.json``, extra special tokens) are not supported.
+        subfolder is used, or ``subfolder``: SDXL's second tokenizer is ``subfolder="tokenizer_2"``,
+        which pads with "!" (id 0) where the first pads with EOS). ``overrides`` win over the
+        files. Added tokens other than BOS/EOS/PAD/UNK (``added_tokens.json``, extra special
+        tokens) are not supported.
         """
         folder = os.fspath(folder)
-        if not os.path.isfile(os.path.join(folder, "vocab.json")) and os.path.isfile(
+        if subfolder is not None:
+            folder = os.path.join(folder, subfolder)
+        elif not os.path.isfile(os.path.join(folder, "vocab.json")) and os.path.isfile(
             os.path.join(folder, "tokenizer", "vocab.json")
         ):
             folder = os.path.join(folder, "tokenizer")

@@ -12,10 +12,22 @@ Conditioning:
     ``num_class_embeds`` sizes the table as given. ``num_classes`` (an ldm_jax extension) sizes it
     ``num_classes + 1`` and reserves label ``num_classes`` (``UNet.null_class_label``) as the
     "no class" label for classifier-free guidance training (label dropout) and sampling;
+  * SDXL micro-conditioning (``addition_embed_type="text_time"``): ``text_embeds`` [B, D_pooled]
+    (the pooled, projected text embedding) and ``time_ids`` [B, N] (base: original height/width,
+    crop top/left, target height/width; refiner: original size, crop, aesthetic score). Each id
+    gets an ``addition_time_embed_dim``-wide sinusoidal embedding; the concatenation
+    (``projection_class_embeddings_input_dim`` wide) goes through ``add_embedding`` and is added
+    to the time embedding;
   * channel concatenation (inpainting, super-resolution, depth): set ``in_channels`` to the total
     and concatenate along the last axis before calling.
 A learned-variance model (improved DDPM) is ``out_channels = 2 * latent_channels``; the caller
 splits the output.
+
+Transformer depth (as in diffusers): ``transformer_layers_per_block`` is an int, one int per level
+(SDXL base: [1, 2, 10]) or one per-layer list per level; the up blocks use
+``reverse_transformer_layers_per_block`` or else the per-level list reversed, the mid block the
+last level's depth. Levels whose block type has no attention (``DownBlock2D``/``UpBlock2D``)
+ignore their entry.
 
 Attention-head semantics (as in diffusers): the number of heads of block i is
 ``(num_attention_heads or attention_head_dim)[i]`` and the head width is
@@ -38,60 +50,43 @@ from ldm_jax.models import partitioning as P
 from ldm_jax.models.attention import Transformer2D
 from ldm_jax.models.embeddings import TimestepEmbedding, timestep_embedding
 from ldm_jax.models.layers import Downsample, ResnetBlock, Upsample
+from ldm_jax.models.unet_config import (  # noqa: F401  (SD*_UNET_CONFIG re-exported)
+    SD2_UNET_CONFIG,
+    SD15_UNET_CONFIG,
+    diffusers_config_to_kwargs,
+    unet_to_diffusers_config,
+)
 
 Dtype = Any
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
+# "text_time": SDXL's micro-conditioning (pooled text embedding + Fourier-embedded time ids).
+ADDITION_EMBED_TYPES = (None, "text_time")
 
-# Stable Diffusion v1.x (runwayml/stable-diffusion-v1-5 unet/config.json, model-defining keys).
-SD15_UNET_CONFIG: dict[str, Any] = {
-    "sample_size": 64,
-    "in_channels": 4,
-    "out_channels": 4,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "block_out_channels": [320, 640, 1280, 1280],
-    "layers_per_block": 2,
-    "downsample_padding": 1,
-    "mid_block_scale_factor": 1,
-    "act_fn": "silu",
-    "norm_num_groups": 32,
-    "norm_eps": 1e-05,
-    "cross_attention_dim": 768,
-    "attention_head_dim": 8,
-    "center_input_sample": False,
-}
-
-# Stable Diffusion v2.x (stabilityai/stable-diffusion-2-1 unet/config.json, model-defining keys).
-SD2_UNET_CONFIG: dict[str, Any] = {
-    **SD15_UNET_CONFIG,
-    "sample_size": 96,
-    "cross_attention_dim": 1024,
-    "attention_head_dim": [5, 10, 20, 20],
-    "use_linear_projection": True,
-    "upcast_attention": True,
-}
-
-
-def _per_block(value, n: int, name: str) -> tuple:
-    """An int/None broadcast to n blocks, or a sequence of length n."""
+def _per_block(value, n: int, name: str, nested: bool = False) -> tuple:
+    """An int/None broadcast to n blocks, or a sequence of length n (whose entries may be
+    per-layer sequences when ``nested``)."""
     if value is None or isinstance(value, (int, float)):
         return (value,) * n
     value = tuple(value)
     if len(value) != n:
         raise ValueError(f"{name}={value!r} must have one entry per block ({n})")
     for v in value:
-        if isinstance(v, (list, tuple)):
+        if isinstance(v, (list, tuple)) and not nested:
             raise ValueError(f"{name}={value!r}: nested per-layer lists are not supported")
     return value
 
 
-def _jsonable(value):
-    return list(value) if isinstance(value, (list, tuple)) else value
+def _per_layer(value, num_layers: int, name: str) -> tuple[int, ...]:
+    """One block's transformer depth: an int for every layer, or one int per layer."""
+    if isinstance(value, int):
+        return (value,) * num_layers
+    value = tuple(value)
+    if len(value) != num_layers or not all(isinstance(v, int) for v in value):
+        raise ValueError(f"{name} entry {value!r} must be an int or {num_layers} ints (one per layer)")
+    return value
 
 
 def _resnet(block: nn.Module, out_channels: int, name: str, output_scale_factor: float = 1.0) -> ResnetBlock:
@@ -109,12 +104,14 @@ def _resnet(block: nn.Module, out_channels: int, name: str, output_scale_factor:
     )
 
 
-def _transformer(block: nn.Module, channels: int, name: str) -> Transformer2D:
-    """The spatial transformer every cross-attention U-Net block builds, from the block's fields."""
+def _transformer(block: nn.Module, channels: int, name: str, layer: int = 0) -> Transformer2D:
+    """The spatial transformer of layer ``layer`` of a cross-attention U-Net block, from the
+    block's fields (``transformer_depth`` is one int for all layers or one per layer)."""
+    depth = block.transformer_depth
     return Transformer2D(
         heads=block.heads,
         head_dim=channels // block.heads,
-        depth=block.transformer_depth,
+        depth=depth if isinstance(depth, int) else depth[layer],
         use_linear_projection=block.use_linear_projection,
         norm_num_groups=block.norm_num_groups,
         implementation=block.attention_implementation,
@@ -124,7 +121,24 @@ def _transformer(block: nn.Module, channels: int, name: str) -> Transformer2D:
     )
 
 
-class DownBlock(nn.Module):
+class _UNetBlock(nn.Module, kw_only=True):
+    """Settings every down/mid/up block shares (keyword-only, so each block type adds its own
+    required fields in front): one list of fields instead of one per block type."""
+
+    has_attention: bool
+    heads: int = 1
+    transformer_depth: int | tuple[int, ...] = 1  # one for every layer, or one per layer
+    use_linear_projection: bool = False
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    time_embedding_norm: str = "default"
+    attention_implementation: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+
+class DownBlock(_UNetBlock):
     """diffusers ``DownBlock2D`` (``has_attention=False``) or ``CrossAttnDownBlock2D``:
     ``num_layers`` x (ResnetBlock [-> Transformer2D]) then an optional stride-2 Downsample.
 
@@ -135,17 +149,6 @@ class DownBlock(nn.Module):
     out_channels: int
     num_layers: int
     add_downsample: bool
-    has_attention: bool
-    heads: int = 1
-    transformer_depth: int = 1
-    use_linear_projection: bool = False
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-5
-    dropout: float = 0.0
-    time_embedding_norm: str = "default"
-    attention_implementation: str | None = None
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, temb, context, deterministic: bool = True):
@@ -154,7 +157,7 @@ class DownBlock(nn.Module):
         for i in range(self.num_layers):
             x = _resnet(self, self.out_channels, f"resnets_{i}")(x, temb, deterministic)
             if self.has_attention:
-                x = _transformer(self, self.out_channels, f"attentions_{i}")(x, context, deterministic)
+                x = _transformer(self, self.out_channels, f"attentions_{i}", i)(x, context, deterministic)
             skips.append(x)
         if self.add_downsample:
             x = Downsample(self.out_channels, padding="symmetric", name="downsamplers_0", **kw)(x)
@@ -162,23 +165,12 @@ class DownBlock(nn.Module):
         return x, tuple(skips)
 
 
-class MidBlock(nn.Module):
+class MidBlock(_UNetBlock):
     """diffusers ``UNetMidBlock2DCrossAttn`` (ResnetBlock -> Transformer2D -> ResnetBlock) or,
     with ``has_attention=False``, ``UNetMidBlock2D`` as UNet2DConditionModel builds it (a single
     ResnetBlock). Shapes: x [B, H, W, C] -> [B, H, W, C]."""
 
-    has_attention: bool
-    heads: int = 1
-    transformer_depth: int = 1
-    use_linear_projection: bool = False
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-5
-    dropout: float = 0.0
     output_scale_factor: float = 1.0
-    time_embedding_norm: str = "default"
-    attention_implementation: str | None = None
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, temb, context, deterministic: bool = True):
@@ -190,7 +182,7 @@ class MidBlock(nn.Module):
         return x
 
 
-class UpBlock(nn.Module):
+class UpBlock(_UNetBlock):
     """diffusers ``UpBlock2D`` / ``CrossAttnUpBlock2D``: ``num_layers`` x (concat the last skip on
     channels -> ResnetBlock [-> Transformer2D]) then an optional nearest x2 Upsample.
 
@@ -201,17 +193,6 @@ class UpBlock(nn.Module):
     out_channels: int
     num_layers: int
     add_upsample: bool
-    has_attention: bool
-    heads: int = 1
-    transformer_depth: int = 1
-    use_linear_projection: bool = False
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-5
-    dropout: float = 0.0
-    time_embedding_norm: str = "default"
-    attention_implementation: str | None = None
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, skips, temb, context, deterministic: bool = True):
@@ -223,7 +204,7 @@ class UpBlock(nn.Module):
             x = jnp.concatenate([x.astype(self.dtype), skip.astype(self.dtype)], axis=-1)
             x = _resnet(self, self.out_channels, f"resnets_{i}")(x, temb, deterministic)
             if self.has_attention:
-                x = _transformer(self, self.out_channels, f"attentions_{i}")(x, context, deterministic)
+                x = _transformer(self, self.out_channels, f"attentions_{i}", i)(x, context, deterministic)
         if self.add_upsample:
             x = Upsample(self.out_channels, name="upsamplers_0", **kw)(x)
         return x
@@ -232,11 +213,12 @@ class UpBlock(nn.Module):
 class UNet(nn.Module):
     """Conditional U-Net with diffusers ``UNet2DConditionModel`` structure, names and config.
 
-    ``apply(params, x, t, context=None, class_labels=None, train=False)``:
+    ``apply(params, x, t, context=None, class_labels=None, train=False, *, text_embeds=None, time_ids=None)``:
       x [B, H, W, in_channels] (NHWC; H and W divisible by 2**(number of levels - 1)),
       t [B] or scalar, integer or fractional timesteps,
       context [B, L, cross_attention_dim] when any block has cross-attention, else None,
       class_labels [B] int when the model is class-conditional, else None,
+      text_embeds [B, D_pooled] and time_ids [B, N] (float) when ``addition_embed_type="text_time"``,
       train: enables dropout (needs a ``"dropout"`` rng when ``dropout > 0``)
       -> [B, H, W, out_channels] in ``dtype``.
 
@@ -267,7 +249,8 @@ class UNet(nn.Module):
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     cross_attention_dim: int | Sequence[int] | None = 1280
-    transformer_layers_per_block: int | Sequence[int] = 1
+    transformer_layers_per_block: int | Sequence[int] | Sequence[Sequence[int]] = 1
+    reverse_transformer_layers_per_block: Sequence[int] | Sequence[Sequence[int]] | None = None
     attention_head_dim: int | Sequence[int] = 8
     num_attention_heads: int | Sequence[int] | None = None
     use_linear_projection: bool = False
@@ -276,6 +259,9 @@ class UNet(nn.Module):
     num_classes: int | None = None
     resnet_time_scale_shift: str = "default"
     time_embedding_dim: int | None = None
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
     attention_implementation: str | None = None
@@ -307,6 +293,15 @@ class UNet(nn.Module):
                 raise ValueError(f"unsupported up block type {t!r}; supported: {UP_BLOCK_TYPES}")
         if self.mid_block_type not in MID_BLOCK_TYPES:
             raise ValueError(f"unsupported mid_block_type {self.mid_block_type!r}; supported: {MID_BLOCK_TYPES}")
+        if self.addition_embed_type not in ADDITION_EMBED_TYPES:
+            raise ValueError(
+                f"unsupported addition_embed_type {self.addition_embed_type!r}; supported: {ADDITION_EMBED_TYPES}"
+            )
+        if self.addition_embed_type == "text_time":
+            for name in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+                value = getattr(self, name)
+                if not isinstance(value, int) or value < 1:
+                    raise ValueError(f"addition_embed_type='text_time' needs {name} >= 1, got {value!r}")
         if self.resnet_time_scale_shift not in ("default", "scale_shift"):
             raise ValueError(f"unsupported resnet_time_scale_shift {self.resnet_time_scale_shift!r}")
         if self.num_classes is not None and self.num_class_embeds is not None:
@@ -329,7 +324,7 @@ class UNet(nn.Module):
         )
         cross = _per_block(self.cross_attention_dim, n, "cross_attention_dim")
         layers = _per_block(self.layers_per_block, n, "layers_per_block")
-        depth = _per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block")
+        depth_down, depth_mid, depth_up = self._transformer_depths(layers)
         channels = tuple(int(c) for c in self.block_out_channels)
         for i, c in enumerate(channels):
             if c % self.norm_num_groups:
@@ -356,13 +351,50 @@ class UNet(nn.Module):
             heads=heads,
             cross=cross,
             layers=layers,
-            depth=depth,
+            depth_down=depth_down,
+            depth_mid=depth_mid,
+            depth_up=depth_up,
             attn_down=attn_down,
             attn_up=attn_up,
             attn_mid=attn_mid,
             class_rows=class_rows,
             time_embed_dim=self.time_embedding_dim or 4 * channels[0],
         )
+
+    def _transformer_depths(self, layers: tuple[int, ...]):
+        """Per-layer transformer depths of the down blocks, the mid block and the up blocks
+        (in execution order), following diffusers: the mid block takes the last down level's
+        (first) depth; the up blocks take ``reverse_transformer_layers_per_block`` if given,
+        else the down levels' entries reversed (SDXL base: [1, 2, 10] down, [10, 2, 1] up).
+        Per-layer (nested) lists need the explicit reverse list, as in diffusers."""
+        n = len(layers)
+        name = "transformer_layers_per_block"
+        per_level = _per_block(self.transformer_layers_per_block, n, name, nested=True)
+        down = tuple(_per_layer(d, layers[i], name) for i, d in enumerate(per_level))
+        mid = down[-1][0]
+        reverse = self.reverse_transformer_layers_per_block
+        if reverse is None:
+            if any(not isinstance(d, int) for d in per_level):
+                raise ValueError(
+                    f"{name}={self.transformer_layers_per_block!r} has per-layer lists: "
+                    "reverse_transformer_layers_per_block must be given too"
+                )
+            reverse = per_level[::-1]
+        reverse = _per_block(reverse, n, "reverse_transformer_layers_per_block", nested=True)
+        up = tuple(
+            _per_layer(d, layers[::-1][i] + 1, "reverse_transformer_layers_per_block") for i, d in enumerate(reverse)
+        )
+        return down, mid, up
+
+    @property
+    def num_time_ids(self) -> int | None:
+        """How many time ids ``dummy_inputs`` passes to a "text_time" model (the SDXL base's 6
+        when they fit, else 1). Only ``text_embeds`` width + ``time_ids`` count x
+        ``addition_time_embed_dim`` is fixed by the weights; the split is the caller's (SDXL
+        base: 1280 + 6 x 256; refiner: 1280 + 5 x 256 with the aesthetic score)."""
+        if self.addition_embed_type != "text_time":
+            return None
+        return 6 if self.projection_class_embeddings_input_dim > 6 * self.addition_time_embed_dim else 1
 
     @property
     def null_class_label(self) -> int | None:
@@ -393,7 +425,30 @@ class UNet(nn.Module):
             out["context"] = jnp.zeros((batch_size, 1, max(dims)), jnp.float32)
         if r["class_rows"] is not None:
             out["class_labels"] = jnp.zeros((batch_size,), jnp.int32)
+        if self.addition_embed_type == "text_time":
+            k = self.num_time_ids
+            width = self.projection_class_embeddings_input_dim - k * self.addition_time_embed_dim
+            out["text_embeds"] = jnp.zeros((batch_size, width), jnp.float32)
+            out["time_ids"] = jnp.zeros((batch_size, k), jnp.float32)
         return out
+
+    def _check_text_time(self, batch: int, text_embeds, time_ids) -> None:
+        if text_embeds is None or time_ids is None:
+            raise ValueError(
+                "this U-Net has addition_embed_type='text_time': text_embeds [B, D_pooled] and time_ids [B, N] "
+                "are required (SDXL: pooled text embedding and original size, crop top-left, target size)"
+            )
+        if text_embeds.ndim != 2 or text_embeds.shape[0] != batch:
+            raise ValueError(f"text_embeds must be [B={batch}, D], got shape {text_embeds.shape}")
+        if time_ids.ndim != 2 or time_ids.shape[0] != batch:
+            raise ValueError(f"time_ids must be [B={batch}, N], got shape {time_ids.shape}")
+        width = text_embeds.shape[1] + time_ids.shape[1] * self.addition_time_embed_dim
+        if width != self.projection_class_embeddings_input_dim:
+            raise ValueError(
+                f"text_embeds width {text_embeds.shape[1]} + {time_ids.shape[1]} time ids x addition_time_embed_dim "
+                f"{self.addition_time_embed_dim} = {width} != projection_class_embeddings_input_dim "
+                f"{self.projection_class_embeddings_input_dim}"
+            )
 
     @classmethod
     def from_diffusers_config(cls, config: Mapping[str, Any], **overrides) -> "UNet":
@@ -412,48 +467,7 @@ class UNet(nn.Module):
         ``_ldm_jax_num_classes`` (diffusers ignores keys starting with "_") so that loading the
         folder back into ldm_jax restores the null label.
         """
-        r = self.resolved()
-        cfg: dict[str, Any] = {
-            "_class_name": "UNet2DConditionModel",
-            "sample_size": self.sample_size,
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "center_input_sample": False,
-            "flip_sin_to_cos": self.flip_sin_to_cos,
-            "freq_shift": self.freq_shift,
-            "down_block_types": list(self.down_block_types),
-            "mid_block_type": self.mid_block_type,
-            "up_block_types": list(self.up_block_types),
-            "only_cross_attention": False,
-            "block_out_channels": list(r["channels"]),
-            "layers_per_block": _jsonable(self.layers_per_block),
-            "downsample_padding": 1,
-            "mid_block_scale_factor": self.mid_block_scale_factor,
-            "dropout": self.dropout,
-            "act_fn": "silu",
-            "norm_num_groups": self.norm_num_groups,
-            "norm_eps": self.norm_eps,
-            "cross_attention_dim": _jsonable(self.cross_attention_dim),
-            "transformer_layers_per_block": _jsonable(self.transformer_layers_per_block),
-            # diffusers refuses num_attention_heads; its attention_head_dim means "heads" anyway.
-            "attention_head_dim": _jsonable(
-                self.num_attention_heads if self.num_attention_heads is not None else self.attention_head_dim
-            ),
-            "num_attention_heads": None,
-            "dual_cross_attention": False,
-            "use_linear_projection": self.use_linear_projection,
-            "class_embed_type": None,
-            "num_class_embeds": r["class_rows"],
-            "upcast_attention": self.upcast_attention,
-            "resnet_time_scale_shift": self.resnet_time_scale_shift,
-            "time_embedding_type": "positional",
-            "time_embedding_dim": self.time_embedding_dim,
-            "conv_in_kernel": self.conv_in_kernel,
-            "conv_out_kernel": self.conv_out_kernel,
-        }
-        if self.num_classes is not None:
-            cfg["_ldm_jax_num_classes"] = self.num_classes
-        return cfg
+        return unet_to_diffusers_config(self)
 
     # ----------------------------------------------------------------- forward
 
@@ -465,9 +479,13 @@ class UNet(nn.Module):
         context=None,
         class_labels=None,
         train: bool = False,
+        *,
+        text_embeds=None,
+        time_ids=None,
         down_block_additional_residuals=None,
         mid_block_additional_residual=None,
     ):
+        # text_embeds / time_ids: SDXL's micro-conditioning (addition_embed_type="text_time").
         # The two residual arguments are ControlNet's outputs (already scaled), added as in
         # diffusers: one per skip connection, and one to the mid-block output.
         r = self.resolved()
@@ -510,6 +528,10 @@ class UNet(nn.Module):
                 raise ValueError(f"class_labels must be [B]=[{b}], got shape {class_labels.shape}")
         elif class_labels is not None:
             raise ValueError("class_labels given but the U-Net has no class embedding (set num_classes)")
+        if self.addition_embed_type == "text_time":
+            self._check_text_time(b, text_embeds, time_ids)
+        elif text_embeds is not None or time_ids is not None:
+            raise ValueError("text_embeds/time_ids given but the U-Net has no addition_embed_type='text_time'")
 
         # Time (and class) embedding shared by every ResnetBlock.
         temb = timestep_embedding(
@@ -519,6 +541,18 @@ class UNet(nn.Module):
         if r["class_rows"] is not None:
             class_emb = P.embed(r["class_rows"], r["time_embed_dim"], name="class_embedding", **kw)(class_labels)
             emb = emb + class_emb.astype(self.dtype)
+        if self.addition_embed_type == "text_time":
+            # SDXL micro-conditioning: each time id (sizes, crop, aesthetic score) gets its own
+            # sinusoidal embedding, concatenated after the pooled text embedding.
+            b_ids, k = time_ids.shape
+            time_embeds = timestep_embedding(
+                time_ids.reshape(-1),
+                self.addition_time_embed_dim,
+                flip_sin_to_cos=self.flip_sin_to_cos,
+                downscale_freq_shift=self.freq_shift,
+            ).reshape(b_ids, k * self.addition_time_embed_dim)
+            add = jnp.concatenate([text_embeds.astype(jnp.float32), time_embeds], axis=-1).astype(self.dtype)
+            emb = emb + TimestepEmbedding(r["time_embed_dim"], name="add_embedding", **kw)(add)
 
         pad = (self.conv_in_kernel - 1) // 2
         h = P.conv(
@@ -549,7 +583,7 @@ class UNet(nn.Module):
                 add_downsample=i < n - 1,
                 has_attention=r["attn_down"][i],
                 heads=r["heads"][i] or 1,
-                transformer_depth=r["depth"][i],
+                transformer_depth=r["depth_down"][i],
                 name=f"down_blocks_{i}",
                 **block_kw,
             )(h, emb, context, deterministic)
@@ -567,7 +601,7 @@ class UNet(nn.Module):
             h = mid_cls(
                 has_attention=r["attn_mid"],
                 heads=r["heads"][-1] or 1,
-                transformer_depth=r["depth"][-1],
+                transformer_depth=r["depth_mid"],
                 output_scale_factor=self.mid_block_scale_factor,
                 name="mid_block",
                 **block_kw,
@@ -585,7 +619,7 @@ class UNet(nn.Module):
                 add_upsample=i < n - 1,
                 has_attention=r["attn_up"][i],
                 heads=r["heads"][::-1][i] or 1,
-                transformer_depth=r["depth"][::-1][i],
+                transformer_depth=r["depth_up"][i],
                 name=f"up_blocks_{i}",
                 **block_kw,
             )(h, res, emb, context, deterministic)
@@ -598,101 +632,3 @@ class UNet(nn.Module):
         return P.conv(
             self.out_channels, (self.conv_out_kernel,) * 2, padding=((pad, pad), (pad, pad)), name="conv_out", **kw
         )(h)
-
-
-# --------------------------------------------------------------------- diffusers config parsing
-
-# Options this module implements, mapped to UNet attribute names (identity).
-_SUPPORTED_KEYS = (
-    "sample_size",
-    "in_channels",
-    "out_channels",
-    "flip_sin_to_cos",
-    "freq_shift",
-    "down_block_types",
-    "mid_block_type",
-    "up_block_types",
-    "block_out_channels",
-    "layers_per_block",
-    "mid_block_scale_factor",
-    "dropout",
-    "norm_num_groups",
-    "norm_eps",
-    "cross_attention_dim",
-    "transformer_layers_per_block",
-    "attention_head_dim",
-    "num_attention_heads",
-    "use_linear_projection",
-    "upcast_attention",
-    "num_class_embeds",
-    "resnet_time_scale_shift",
-    "time_embedding_dim",
-    "conv_in_kernel",
-    "conv_out_kernel",
-)
-
-# Options accepted only at the value(s) that mean "feature off" (the diffusers defaults).
-_ONLY_VALUES: dict[str, tuple] = {
-    "center_input_sample": (False,),
-    "only_cross_attention": (False,),
-    "mid_block_only_cross_attention": (None, False),
-    "downsample_padding": (1,),
-    "act_fn": ("silu", "swish"),
-    "reverse_transformer_layers_per_block": (None,),
-    "encoder_hid_dim": (None,),
-    "encoder_hid_dim_type": (None,),
-    "dual_cross_attention": (False,),
-    "class_embed_type": (None,),
-    "addition_embed_type": (None,),
-    "addition_time_embed_dim": (None,),
-    "resnet_skip_time_act": (False,),
-    "time_embedding_type": ("positional",),
-    "time_embedding_act_fn": (None,),
-    "timestep_post_act": (None,),
-    "time_cond_proj_dim": (None,),
-    "projection_class_embeddings_input_dim": (None,),
-    "attention_type": ("default",),
-    "class_embeddings_concat": (False,),
-    "cross_attention_norm": (None,),
-}
-
-# Options that only affect block types / embeddings this module rejects anyway, so any value builds
-# the same network (diffusers passes resnet_out_scale_factor only to ResnetDownsampleBlock2D and
-# SimpleCrossAttn blocks; addition_embed_type_num_heads only to addition_embed_type="text_image").
-_IRRELEVANT_KEYS = ("resnet_out_scale_factor", "addition_embed_type_num_heads")
-
-
-def diffusers_config_to_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
-    """UNet keyword arguments from a diffusers ``UNet2DConditionModel`` config dict.
-
-    Keys starting with "_" are metadata and skipped, except ``_ldm_jax_num_classes`` (written by
-    :meth:`UNet.to_diffusers_config`), which restores ``num_classes``.
-    """
-    kwargs: dict[str, Any] = {}
-    num_classes = config.get("_ldm_jax_num_classes")
-    class_name = config.get("_class_name", "UNet2DConditionModel")
-    if class_name != "UNet2DConditionModel":
-        raise ValueError(f"config _class_name={class_name!r} is not 'UNet2DConditionModel'")
-    for key, value in config.items():
-        if key.startswith("_") or key in _IRRELEVANT_KEYS:
-            continue
-        if key in _ONLY_VALUES:
-            if value not in _ONLY_VALUES[key]:
-                raise ValueError(
-                    f"unsupported UNet2DConditionModel option {key}={value!r} "
-                    f"(ldm_jax supports only {_ONLY_VALUES[key]})"
-                )
-            continue
-        if key not in _SUPPORTED_KEYS:
-            raise ValueError(f"unknown UNet2DConditionModel config key {key!r}={value!r}")
-        if isinstance(value, list):
-            value = tuple(value)
-        kwargs[key] = value
-    if kwargs.get("norm_num_groups", 32) is None:
-        raise ValueError("unsupported UNet2DConditionModel option norm_num_groups=None (no output norm)")
-    if num_classes is not None:
-        rows = kwargs.pop("num_class_embeds", None)
-        if rows is not None and rows != num_classes + 1:
-            raise ValueError(f"_ldm_jax_num_classes={num_classes} disagrees with num_class_embeds={rows}")
-        kwargs["num_classes"] = num_classes
-    return kwargs
