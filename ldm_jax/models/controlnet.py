@@ -53,6 +53,8 @@ _SHARED = (
     "upcast_attention", "num_class_embeds", "num_classes", "resnet_time_scale_shift", "attention_implementation",
     "dtype", "param_dtype",
 )
+# U-Net config keys of SDXL's micro-conditioning, which this ControlNet does not have.
+_SDXL_KEYS = ("addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim")
 _COPIED_FROM_UNET = ("conv_in", "time_embedding", "class_embedding", "down_blocks_", "mid_block")
 
 
@@ -167,6 +169,12 @@ class ControlNet(nn.Module):
         if own.get("conditioning_embedding_out_channels") is not None:
             own["conditioning_embedding_out_channels"] = tuple(own["conditioning_embedding_out_channels"])
         kwargs = diffusers_config_to_kwargs({**config, "_class_name": "UNet2DConditionModel"})
+        kwargs.pop("reverse_transformer_layers_per_block", None)  # up blocks only: a ControlNet has none
+        # SDXL's micro-conditioning keys: a ControlNet for an SDXL U-Net is not built yet.
+        for key in _SDXL_KEYS:
+            value = kwargs.pop(key, None)
+            if value is not None:
+                raise ValueError(f"unsupported ControlNetModel option {key}={value!r} (SDXL ControlNets are not supported yet)")
         return cls(**kwargs, **own, **overrides)
 
     def to_diffusers_config(self) -> dict[str, Any]:
@@ -174,7 +182,7 @@ class ControlNet(nn.Module):
         unet_cfg = self.encoder_config().to_diffusers_config()
         drop = ("up_block_types", "out_channels", "sample_size", "dropout", "time_embedding_type",
                 "time_embedding_dim", "conv_in_kernel", "conv_out_kernel", "center_input_sample", "_class_name",
-                "dual_cross_attention",
+                "dual_cross_attention", "reverse_transformer_layers_per_block",
                 "_ldm_jax_num_classes")
         cfg = {k: v for k, v in unet_cfg.items() if k not in drop}
         cfg.update(
@@ -256,7 +264,7 @@ class ControlNet(nn.Module):
                 add_downsample=i < n - 1,
                 has_attention=r["attn_down"][i],
                 heads=r["heads"][i] or 1,
-                transformer_depth=r["depth"][i],
+                transformer_depth=r["depth_down"][i],
                 name=f"down_blocks_{i}",
                 **block_kw,
             )(h, emb, context, deterministic)
@@ -264,7 +272,7 @@ class ControlNet(nn.Module):
         h = MidBlock(
             has_attention=r["attn_mid"],
             heads=r["heads"][-1] or 1,
-            transformer_depth=r["depth"][-1],
+            transformer_depth=r["depth_mid"],
             output_scale_factor=self.mid_block_scale_factor,
             name="mid_block",
             **block_kw,
