@@ -117,7 +117,7 @@ def _transformer(block: nn.Module, channels: int, name: str) -> Transformer2D:
         depth=block.transformer_depth,
         use_linear_projection=block.use_linear_projection,
         norm_num_groups=block.norm_num_groups,
-        implementation=block.attention_implementation,
+        attention=block.attention,
         dtype=block.dtype,
         param_dtype=block.param_dtype,
         name=name,
@@ -143,7 +143,7 @@ class DownBlock(nn.Module):
     norm_eps: float = 1e-5
     dropout: float = 0.0
     time_embedding_norm: str = "default"
-    attention_implementation: str | None = None
+    attention: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -176,7 +176,7 @@ class MidBlock(nn.Module):
     dropout: float = 0.0
     output_scale_factor: float = 1.0
     time_embedding_norm: str = "default"
-    attention_implementation: str | None = None
+    attention: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -209,7 +209,7 @@ class UpBlock(nn.Module):
     norm_eps: float = 1e-5
     dropout: float = 0.0
     time_embedding_norm: str = "default"
-    attention_implementation: str | None = None
+    attention: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -278,7 +278,7 @@ class UNet(nn.Module):
     time_embedding_dim: int | None = None
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
-    attention_implementation: str | None = None
+    attention: str = "auto"
     remat: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
@@ -400,7 +400,7 @@ class UNet(nn.Module):
         """Build from a diffusers ``UNet2DConditionModel`` config dict (``config.json``).
 
         ``overrides`` sets module-only attributes such as ``dtype``, ``param_dtype``, ``remat``,
-        ``attention_implementation``. Options this module does not implement raise ValueError
+        ``attention``. Options this module does not implement raise ValueError
         naming the option; unknown keys raise too, rather than being silently ignored.
         """
         return cls(**diffusers_config_to_kwargs(config), **overrides)
@@ -520,7 +520,7 @@ class UNet(nn.Module):
             norm_eps=self.norm_eps,
             dropout=self.dropout,
             time_embedding_norm=self.resnet_time_scale_shift,
-            attention_implementation=self.attention_implementation,
+            attention=self.attention,
             **kw,
         )
         down_cls, mid_cls, up_cls = DownBlock, MidBlock, UpBlock
