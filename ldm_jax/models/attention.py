@@ -162,6 +162,7 @@ class Transformer2D(nn.Module):
     norm_num_groups: int = 32
     dropout: float = 0.0
     attention: str = "auto"
+    remat: bool = False  # checkpoint each transformer block (the U-Net's remat_policy "layer")
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -179,8 +180,10 @@ class Transformer2D(nn.Module):
         else:
             h = P.conv(inner, (1, 1), padding="VALID", name="proj_in", **kw)(h)
             h = h.reshape(b, hgt * wid, inner)
+        # static: the python bool `deterministic` (argument 0 is the module itself).
+        block_cls = nn.remat(BasicTransformerBlock, static_argnums=(3,)) if self.remat else BasicTransformerBlock
         for i in range(self.depth):
-            h = BasicTransformerBlock(
+            h = block_cls(
                 heads=self.heads,
                 head_dim=self.head_dim,
                 dropout=self.dropout,

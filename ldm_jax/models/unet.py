@@ -38,6 +38,7 @@ from ldm_jax.models import partitioning as P
 from ldm_jax.models.attention import Transformer2D
 from ldm_jax.models.embeddings import TimestepEmbedding, timestep_embedding
 from ldm_jax.models.layers import Downsample, ResnetBlock, Upsample
+from ldm_jax.models.remat import checkpoint_policy
 
 Dtype = Any
 
@@ -96,7 +97,9 @@ def _jsonable(value):
 
 def _resnet(block: nn.Module, out_channels: int, name: str, output_scale_factor: float = 1.0) -> ResnetBlock:
     """The ResnetBlock every U-Net block builds, configured from the block's own fields."""
-    return ResnetBlock(
+    # remat_policy "layer": each ResnetBlock is its own checkpoint (arg 3 = the python bool deterministic).
+    cls = nn.remat(ResnetBlock, static_argnums=(3,)) if block.remat_layers else ResnetBlock
+    return cls(
         out_channels=out_channels,
         groups=block.norm_num_groups,
         eps=block.norm_eps,
@@ -118,6 +121,7 @@ def _transformer(block: nn.Module, channels: int, name: str) -> Transformer2D:
         use_linear_projection=block.use_linear_projection,
         norm_num_groups=block.norm_num_groups,
         attention=block.attention,
+        remat=block.remat_layers,
         dtype=block.dtype,
         param_dtype=block.param_dtype,
         name=name,
@@ -144,6 +148,7 @@ class DownBlock(nn.Module):
     dropout: float = 0.0
     time_embedding_norm: str = "default"
     attention: str = "auto"
+    remat_layers: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -177,6 +182,7 @@ class MidBlock(nn.Module):
     output_scale_factor: float = 1.0
     time_embedding_norm: str = "default"
     attention: str = "auto"
+    remat_layers: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -210,6 +216,7 @@ class UpBlock(nn.Module):
     dropout: float = 0.0
     time_embedding_norm: str = "default"
     attention: str = "auto"
+    remat_layers: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -242,7 +249,8 @@ class UNet(nn.Module):
 
     ``dtype`` is the compute dtype (e.g. bfloat16); ``param_dtype`` the storage dtype; norms and
     the attention softmax always run in float32. ``remat=True`` rematerialises each down/mid/up
-    block in the backward pass (``nn.remat``), trading compute for activation memory.
+    block in the backward pass (``nn.remat``), trading compute for activation memory; ``remat_policy``
+    picks the granularity / what is saved (``ldm_jax.models.remat``).
     ``num_classes`` is an ldm_jax extension (see module docstring); do not combine it with
     ``num_class_embeds``.
     """
@@ -280,6 +288,7 @@ class UNet(nn.Module):
     conv_out_kernel: int = 3
     attention: str = "auto"
     remat: bool = False
+    remat_policy: str = "block"  # ldm_jax.models.remat.REMAT_POLICIES; used when remat=True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -524,11 +533,14 @@ class UNet(nn.Module):
             **kw,
         )
         down_cls, mid_cls, up_cls = DownBlock, MidBlock, UpBlock
-        if self.remat:
+        policy = checkpoint_policy(self.remat_policy) if self.remat else None  # validates the name
+        if self.remat and self.remat_policy == "layer":
+            block_kw["remat_layers"] = True
+        elif self.remat:
             # static: the python bool `deterministic` (argument 0 is the module itself).
-            down_cls = nn.remat(DownBlock, static_argnums=(4,))
-            mid_cls = nn.remat(MidBlock, static_argnums=(4,))
-            up_cls = nn.remat(UpBlock, static_argnums=(5,))
+            down_cls = nn.remat(DownBlock, static_argnums=(4,), policy=policy)
+            mid_cls = nn.remat(MidBlock, static_argnums=(4,), policy=policy)
+            up_cls = nn.remat(UpBlock, static_argnums=(5,), policy=policy)
 
         skips = [h]
         for i in range(n):
