@@ -169,7 +169,7 @@ def load_diffusers_unet(path, *, variant: str | None = None, **unet_overrides) -
     """Load a diffusers ``UNet2DConditionModel`` folder (or a pipeline folder with ``unet/``).
 
     ``variant`` selects e.g. ``diffusion_pytorch_model.fp16.safetensors``. ``unet_overrides``
-    (``dtype``, ``param_dtype``, ``remat``, ``attention_implementation``) go to the module.
+    (``dtype``, ``param_dtype``, ``remat``, ``attention``) go to the module.
     ``.bin`` files are read with ``torch.load(weights_only=True)``, never plain pickle.
 
     Returns ``(unet, params)`` with ``params`` the unboxed ``"params"`` collection; call

@@ -5,16 +5,13 @@ Parameter names follow diffusers (``to_q``/``to_k``/``to_v``/``to_out_0``, ``nor
 index written ``name_i`` where diffusers writes ``name.i``; ``ldm_jax.interop.diffusers_unet``
 relies on that.
 
-Precision: attention goes through ``jax.nn.dot_product_attention``. Its XLA implementation
-computes the logits ``q k^T`` with float32 accumulation/output (``preferred_element_type``) and
-the softmax in float32 even when q/k/v are bfloat16; the probabilities are cast back to the
-compute dtype for the ``probs @ v`` product. So diffusers' ``upcast_attention`` (used by SD 2.1)
-is always in effect and needs no switch. ``implementation=None`` lets JAX pick the kernel
-(JAX 0.10 picks XLA everywhere; ``"cudnn"`` requests the fused cuDNN flash kernel on GPUs, which
-accumulates in float32 internally but supports only fp16/bf16 and head dims <= 128, so not
-SD 1.x's 160-wide heads at the lowest resolution).
-Note the XLA path materialises the [B, heads, T, S] logits: about 0.5 GB per sample for the
-64x64 latent self-attention of SD at 512 px.
+Attention goes through ``ldm_jax.kernels.dot_product_attention``; the ``attention`` field names
+its backend ("auto", "xla", "blockwise", "splash", "cudnn"; see ``ldm_jax.kernels.attention``).
+Every backend computes the logits ``q k^T`` with float32 accumulation and the softmax in float32
+even when q/k/v are bfloat16; the probabilities are cast back to the compute dtype for the
+``probs @ v`` product. So diffusers' ``upcast_attention`` (used by SD 2.1) is always in effect
+and needs no switch. The "xla" backend materialises the [B, heads, T, S] logits (about 0.5 GB per
+sample for the 64x64 latent self-attention of SD at 512 px); "blockwise" and "splash" do not.
 """
 
 from __future__ import annotations
@@ -25,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.kernels import dot_product_attention
 from ldm_jax.models import partitioning as P
 
 Dtype = Any
@@ -48,7 +46,7 @@ class Attention(nn.Module):
     heads: int
     head_dim: int
     dropout: float = 0.0
-    implementation: str | None = None
+    attention: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -69,7 +67,7 @@ class Attention(nn.Module):
         q = q.reshape(b, t, self.heads, self.head_dim)
         k = k.reshape(b, s, self.heads, self.head_dim)
         v = v.reshape(b, s, self.heads, self.head_dim)
-        out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+        out = dot_product_attention(q, k, v, backend=self.attention)
         out = out.reshape(b, t, inner)
         out = P.dense(d, names=OUT_KERNEL, name="to_out_0", **kw)(out)
         return nn.Dropout(self.dropout)(out, deterministic=deterministic)
@@ -122,7 +120,7 @@ class BasicTransformerBlock(nn.Module):
     heads: int
     head_dim: int
     dropout: float = 0.0
-    implementation: str | None = None
+    attention: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -132,7 +130,7 @@ class BasicTransformerBlock(nn.Module):
             heads=self.heads,
             head_dim=self.head_dim,
             dropout=self.dropout,
-            implementation=self.implementation,
+            attention=self.attention,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
@@ -163,7 +161,8 @@ class Transformer2D(nn.Module):
     use_linear_projection: bool = False
     norm_num_groups: int = 32
     dropout: float = 0.0
-    implementation: str | None = None
+    attention: str = "auto"
+    remat: bool = False  # checkpoint each transformer block (the U-Net's remat_policy "layer")
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -181,12 +180,14 @@ class Transformer2D(nn.Module):
         else:
             h = P.conv(inner, (1, 1), padding="VALID", name="proj_in", **kw)(h)
             h = h.reshape(b, hgt * wid, inner)
+        # static: the python bool `deterministic` (argument 0 is the module itself).
+        block_cls = nn.remat(BasicTransformerBlock, static_argnums=(3,)) if self.remat else BasicTransformerBlock
         for i in range(self.depth):
-            h = BasicTransformerBlock(
+            h = block_cls(
                 heads=self.heads,
                 head_dim=self.head_dim,
                 dropout=self.dropout,
-                implementation=self.implementation,
+                attention=self.attention,
                 name=f"transformer_blocks_{i}",
                 **kw,
             )(h, context, deterministic)

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.kernels import dot_product_attention
 from ldm_jax.models import partitioning as P
 from ldm_jax.models.layers import Downsample, ResnetBlock, Upsample
 from ldm_jax.models.quantizer import QuantizerOutput, VectorQuantizer
@@ -64,6 +65,7 @@ class SpatialSelfAttention(nn.Module):
 
     groups: int = 32
     eps: float = _NORM_EPS
+    attention: str = "auto"  # ldm_jax.kernels backend name
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -78,7 +80,7 @@ class SpatialSelfAttention(nn.Module):
         k = P.dense(c, names=proj_in, name="to_k", **kw)(y)
         v = P.dense(c, names=proj_in, name="to_v", **kw)(y)
         # [B, T, heads=1, C]; the default scale is 1/sqrt(C), the single head's width.
-        out = jax.nn.dot_product_attention(q[:, :, None, :], k[:, :, None, :], v[:, :, None, :])
+        out = dot_product_attention(q[:, :, None, :], k[:, :, None, :], v[:, :, None, :], backend=self.attention)
         out = P.dense(c, names=("heads", "embed"), name="to_out_0", **kw)(out.reshape(b, h * w, c))
         return x.astype(self.dtype) + out.reshape(b, h, w, c)
 
@@ -88,6 +90,7 @@ class MidBlock(nn.Module):
 
     groups: int = 32
     add_attention: bool = True
+    attention: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -97,7 +100,7 @@ class MidBlock(nn.Module):
         res = dict(groups=self.groups, eps=_NORM_EPS, use_time_embedding=False, **kw)
         x = ResnetBlock(name="resnets_0", **res)(x)
         if self.add_attention:
-            x = SpatialSelfAttention(groups=self.groups, name="attentions_0", **kw)(x)
+            x = SpatialSelfAttention(groups=self.groups, attention=self.attention, name="attentions_0", **kw)(x)
         return ResnetBlock(name="resnets_1", **res)(x)
 
 
@@ -116,6 +119,7 @@ class Encoder(nn.Module):
     norm_num_groups: int = 32
     double_z: bool = True
     mid_block_add_attention: bool = True
+    attention: str = "auto"  # mid-block attention backend (ldm_jax.kernels)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -134,7 +138,7 @@ class Encoder(nn.Module):
                 name=f"down_blocks_{i}",
                 **kw,
             )(h)
-        h = MidBlock(groups=self.norm_num_groups, add_attention=self.mid_block_add_attention, name="mid_block", **kw)(h)
+        h = MidBlock(groups=self.norm_num_groups, add_attention=self.mid_block_add_attention, attention=self.attention, name="mid_block", **kw)(h)
         h = P.group_norm(self.norm_num_groups, epsilon=_NORM_EPS, param_dtype=self.param_dtype, name="conv_norm_out")(h)
         h = nn.silu(h).astype(self.dtype)
         out_channels = 2 * self.latent_channels if self.double_z else self.latent_channels
@@ -184,6 +188,7 @@ class Decoder(nn.Module):
     layers_per_block: int = 2
     norm_num_groups: int = 32
     mid_block_add_attention: bool = True
+    attention: str = "auto"  # mid-block attention backend (ldm_jax.kernels)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -193,7 +198,7 @@ class Decoder(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         reversed_channels = list(reversed(self.block_out_channels))
         h = P.conv(reversed_channels[0], (3, 3), name="conv_in", **kw)(z.astype(self.dtype))
-        h = MidBlock(groups=self.norm_num_groups, add_attention=self.mid_block_add_attention, name="mid_block", **kw)(h)
+        h = MidBlock(groups=self.norm_num_groups, add_attention=self.mid_block_add_attention, attention=self.attention, name="mid_block", **kw)(h)
         last = len(reversed_channels) - 1
         for i, channels in enumerate(reversed_channels):
             h = _ResnetStack(
@@ -298,6 +303,7 @@ class _FirstStage:
             layers_per_block=self.layers_per_block,
             norm_num_groups=self.norm_num_groups,
             mid_block_add_attention=self.mid_block_add_attention,
+            attention=self.attention,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
         )
@@ -343,6 +349,7 @@ class AutoencoderKL(nn.Module, _FirstStage):
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
+    attention: str = "auto"  # mid-block attention backend (ldm_jax.kernels)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -456,6 +463,7 @@ class VQModel(nn.Module, _FirstStage):
     scale_factor: float = 1.0
     shift_factor: float | None = None
     mid_block_add_attention: bool = True
+    attention: str = "auto"  # mid-block attention backend (ldm_jax.kernels)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 

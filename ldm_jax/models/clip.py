@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ldm_jax.kernels import dot_product_attention
 from ldm_jax.models import partitioning as P
 
 Dtype = Any
@@ -136,6 +137,7 @@ class SelfAttention(nn.Module):
 
     num_heads: int
     causal: bool = False
+    attention: str = "auto"  # ldm_jax.kernels backend name
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -148,10 +150,9 @@ class SelfAttention(nn.Module):
         q = proj("q_proj")(x).reshape(b, l, self.num_heads, head_dim)
         k = proj("k_proj")(x).reshape(b, l, self.num_heads, head_dim)
         v = proj("v_proj")(x).reshape(b, l, self.num_heads, head_dim)
-        mask = None
         if key_mask is not None:
-            mask = key_mask.astype(bool)[:, None, None, :]  # [B, 1, 1(query), L(key)]
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=self.causal)
+            key_mask = key_mask.astype(bool)  # [B, L(key)]
+        out = dot_product_attention(q, k, v, key_mask=key_mask, is_causal=self.causal, backend=self.attention)
         out = out.reshape(b, l, d)
         return P.dense(d, names=("heads", "embed"), name="out_proj", **kw)(out)
 
@@ -184,6 +185,7 @@ class EncoderLayer(nn.Module):
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     causal: bool = False
+    attention: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -191,7 +193,7 @@ class EncoderLayer(nn.Module):
     def __call__(self, x, key_mask=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = P.layer_norm(epsilon=self.layer_norm_eps, param_dtype=self.param_dtype, name="layer_norm1")(x)
-        h = SelfAttention(self.num_heads, causal=self.causal, name="self_attn", **kw)(h.astype(self.dtype), key_mask)
+        h = SelfAttention(self.num_heads, causal=self.causal, attention=self.attention, name="self_attn", **kw)(h.astype(self.dtype), key_mask)
         x = x + h
         h = P.layer_norm(epsilon=self.layer_norm_eps, param_dtype=self.param_dtype, name="layer_norm2")(x)
         h = MLP(self.intermediate_size, self.hidden_act, name="mlp", **kw)(h.astype(self.dtype))
@@ -208,6 +210,7 @@ class Encoder(nn.Module):
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     causal: bool = False
+    attention: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -217,7 +220,7 @@ class Encoder(nn.Module):
         for i in range(self.num_layers):
             x = EncoderLayer(
                 self.num_heads, self.intermediate_size, self.hidden_act, self.layer_norm_eps, self.causal,
-                dtype=self.dtype, param_dtype=self.param_dtype, name=f"layers_{i}",
+                attention=self.attention, dtype=self.dtype, param_dtype=self.param_dtype, name=f"layers_{i}",
             )(x, key_mask)
             states.append(x)
         return tuple(states)
@@ -266,6 +269,7 @@ class CLIPTextEncoder(nn.Module):
     context_layer: str = "last"
     context_final_norm: bool = True
     with_projection: bool = False
+    attention: str = "auto"  # attention backend (ldm_jax.kernels); "auto" picks per platform/shape
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -288,7 +292,7 @@ class CLIPTextEncoder(nn.Module):
         )
         states = Encoder(
             cfg.num_hidden_layers, cfg.num_attention_heads, cfg.intermediate_size, cfg.hidden_act,
-            cfg.layer_norm_eps, causal=True, name="encoder", **kw,
+            cfg.layer_norm_eps, causal=True, attention=self.attention, name="encoder", **kw,
         )(x, attention_mask)
         final_norm = P.layer_norm(epsilon=cfg.layer_norm_eps, param_dtype=self.param_dtype, name="final_layer_norm")
         last = final_norm(states[-1]).astype(self.dtype)

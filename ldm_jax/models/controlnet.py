@@ -50,7 +50,7 @@ _SHARED = (
     "in_channels", "flip_sin_to_cos", "freq_shift", "down_block_types", "mid_block_type", "block_out_channels",
     "layers_per_block", "mid_block_scale_factor", "norm_num_groups", "norm_eps", "cross_attention_dim",
     "transformer_layers_per_block", "attention_head_dim", "num_attention_heads", "use_linear_projection",
-    "upcast_attention", "num_class_embeds", "num_classes", "resnet_time_scale_shift", "attention_implementation",
+    "upcast_attention", "num_class_embeds", "num_classes", "resnet_time_scale_shift", "attention",
     "dtype", "param_dtype",
 )
 # U-Net config keys of SDXL's micro-conditioning, which this ControlNet does not have.
@@ -121,7 +121,7 @@ class ControlNet(nn.Module):
     controlnet_conditioning_channel_order: str = "rgb"
     conditioning_embedding_out_channels: Sequence[int] = (16, 32, 96, 256)
     global_pool_conditions: bool = False
-    attention_implementation: str | None = None
+    attention: str = "auto"  # attention backend (ldm_jax.kernels)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -252,7 +252,7 @@ class ControlNet(nn.Module):
             norm_num_groups=self.norm_num_groups,
             norm_eps=self.norm_eps,
             time_embedding_norm=self.resnet_time_scale_shift,
-            attention_implementation=self.attention_implementation,
+            attention=self.attention,
             **kw,
         )
         deterministic = not train

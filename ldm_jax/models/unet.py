@@ -50,6 +50,7 @@ from ldm_jax.models import partitioning as P
 from ldm_jax.models.attention import Transformer2D
 from ldm_jax.models.embeddings import TimestepEmbedding, timestep_embedding
 from ldm_jax.models.layers import Downsample, ResnetBlock, Upsample
+from ldm_jax.models.remat import checkpoint_policy
 from ldm_jax.models.unet_config import (  # noqa: F401  (SD*_UNET_CONFIG re-exported)
     SD2_UNET_CONFIG,
     SD15_UNET_CONFIG,
@@ -91,7 +92,9 @@ def _per_layer(value, num_layers: int, name: str) -> tuple[int, ...]:
 
 def _resnet(block: nn.Module, out_channels: int, name: str, output_scale_factor: float = 1.0) -> ResnetBlock:
     """The ResnetBlock every U-Net block builds, configured from the block's own fields."""
-    return ResnetBlock(
+    # remat_policy "layer": each ResnetBlock is its own checkpoint (arg 3 = the python bool deterministic).
+    cls = nn.remat(ResnetBlock, static_argnums=(3,)) if block.remat_layers else ResnetBlock
+    return cls(
         out_channels=out_channels,
         groups=block.norm_num_groups,
         eps=block.norm_eps,
@@ -114,7 +117,8 @@ def _transformer(block: nn.Module, channels: int, name: str, layer: int = 0) -> 
         depth=depth if isinstance(depth, int) else depth[layer],
         use_linear_projection=block.use_linear_projection,
         norm_num_groups=block.norm_num_groups,
-        implementation=block.attention_implementation,
+        attention=block.attention,
+        remat=block.remat_layers,
         dtype=block.dtype,
         param_dtype=block.param_dtype,
         name=name,
@@ -133,7 +137,8 @@ class _UNetBlock(nn.Module, kw_only=True):
     norm_eps: float = 1e-5
     dropout: float = 0.0
     time_embedding_norm: str = "default"
-    attention_implementation: str | None = None
+    attention: str = "auto"  # attention backend (ldm_jax.kernels)
+    remat_layers: bool = False  # checkpoint each resnet / transformer layer (remat_policy="layer")
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -224,7 +229,8 @@ class UNet(nn.Module):
 
     ``dtype`` is the compute dtype (e.g. bfloat16); ``param_dtype`` the storage dtype; norms and
     the attention softmax always run in float32. ``remat=True`` rematerialises each down/mid/up
-    block in the backward pass (``nn.remat``), trading compute for activation memory.
+    block in the backward pass (``nn.remat``), trading compute for activation memory; ``remat_policy``
+    picks the granularity / what is saved (``ldm_jax.models.remat``).
     ``num_classes`` is an ldm_jax extension (see module docstring); do not combine it with
     ``num_class_embeds``.
     """
@@ -264,8 +270,9 @@ class UNet(nn.Module):
     projection_class_embeddings_input_dim: int | None = None
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
-    attention_implementation: str | None = None
+    attention: str = "auto"
     remat: bool = False
+    remat_policy: str = "block"  # ldm_jax.models.remat.REMAT_POLICIES; used when remat=True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -455,7 +462,7 @@ class UNet(nn.Module):
         """Build from a diffusers ``UNet2DConditionModel`` config dict (``config.json``).
 
         ``overrides`` sets module-only attributes such as ``dtype``, ``param_dtype``, ``remat``,
-        ``attention_implementation``. Options this module does not implement raise ValueError
+        ``attention``. Options this module does not implement raise ValueError
         naming the option; unknown keys raise too, rather than being silently ignored.
         """
         return cls(**diffusers_config_to_kwargs(config), **overrides)
@@ -565,15 +572,18 @@ class UNet(nn.Module):
             norm_eps=self.norm_eps,
             dropout=self.dropout,
             time_embedding_norm=self.resnet_time_scale_shift,
-            attention_implementation=self.attention_implementation,
+            attention=self.attention,
             **kw,
         )
         down_cls, mid_cls, up_cls = DownBlock, MidBlock, UpBlock
-        if self.remat:
+        policy = checkpoint_policy(self.remat_policy) if self.remat else None  # validates the name
+        if self.remat and self.remat_policy == "layer":
+            block_kw["remat_layers"] = True
+        elif self.remat:
             # static: the python bool `deterministic` (argument 0 is the module itself).
-            down_cls = nn.remat(DownBlock, static_argnums=(4,))
-            mid_cls = nn.remat(MidBlock, static_argnums=(4,))
-            up_cls = nn.remat(UpBlock, static_argnums=(5,))
+            down_cls = nn.remat(DownBlock, static_argnums=(4,), policy=policy)
+            mid_cls = nn.remat(MidBlock, static_argnums=(4,), policy=policy)
+            up_cls = nn.remat(UpBlock, static_argnums=(5,), policy=policy)
 
         skips = [h]
         for i in range(n):
