@@ -27,3 +27,15 @@ def test_readme_gaussian_snippet_reproduces_data_moments():
     # adds a discretisation error of a few percent of the std (see test_samplers_gaussian).
     assert abs(mean - 0.5) < 0.01
     assert abs(std - 0.2) < 0.02
+
+
+def test_readme_flow_snippet_reproduces_mixture_weight_and_std():
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(_snippet("flow"), "README.md:flow", "exec"), {})
+    weight, std = (float(v) for v in out.getvalue().split())
+    # The exact velocity of the mixture 0.3 N(-1, 0.2^2) + 0.7 N(1.5, 0.3^2): the share above 0.25
+    # is the heavier component's weight (standard error sqrt(0.21 / 4096) = 0.007) and its std 0.3;
+    # 20 Heun steps add a discretisation error of a few percent (test_flow_samplers).
+    assert abs(weight - 0.7) < 0.03
+    assert abs(std - 0.3) < 0.03
