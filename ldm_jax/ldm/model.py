@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -26,6 +26,7 @@ from ldm_jax.diffusion import diffusion_loss, make_schedule
 from ldm_jax.ldm.conditioning import Conditioner, build_conditioner
 from ldm_jax.ldm.first_stage import LoadedFirstStage, load_first_stage
 from ldm_jax.ldm.sections import (
+    DENOISER_DEFAULTS,
     PREDICTIONS,
     SCHEDULES,
     WEIGHTINGS,
@@ -36,7 +37,6 @@ from ldm_jax.ldm.sections import (
     first_stage_defaults,
     merge_section,
     schedule_kwargs,
-    unet_defaults,
 )
 from ldm_jax.models.unet import UNet
 
@@ -110,10 +110,19 @@ def build_unet(unet_config: Any, latent_channels: int, latent_size: int, conditi
     return unet
 
 
+# Denoiser families by ``config.diffusion.denoiser``: builder(section, latent_channels,
+# latent_size, conditioner) -> the network, built in one hop from ``config.<denoiser>``
+# (defaults: ``ldm_jax.ldm.sections.DENOISER_DEFAULTS``). DiT / MMDiT / ControlNet-wrapped
+# U-Nets plug in here; the objective (``config.diffusion``) and the conditioner stay shared.
+DENOISER_BUILDERS: dict[str, Callable[..., Any]] = {"unet": build_unet}
+assert tuple(DENOISER_BUILDERS) == tuple(DENOISER_DEFAULTS)
+
+
 @dataclasses.dataclass(frozen=True)
 class DiffusionModel:
-    """Everything needed to train and sample: U-Net, conditioner, frozen first stage,
-    schedule, objective. ``conditioner_frozen_params``: a frozen text encoder's params."""
+    """Everything needed to train and sample: the denoiser (``unet``: a ``UNet`` today, see
+    :data:`DENOISER_BUILDERS`), conditioner, frozen first stage, schedule, objective.
+    ``conditioner_frozen_params``: a frozen text encoder's params."""
 
     unet: UNet
     conditioner: Conditioner
@@ -218,24 +227,28 @@ class DiffusionModel:
 
 
 class ModelSections(NamedTuple):
-    """The completed model sections of a config (merged over their defaults once)."""
+    """The completed model sections of a config (merged over their defaults once);
+    ``denoiser`` is the section of ``diffusion.denoiser``'s family (``config.unet``)."""
 
     first_stage: Any
-    unet: dict
+    denoiser: dict
     conditioning: Any
     diffusion: Any
 
 
 def model_sections(config: Any) -> ModelSections:
-    """``config.first_stage`` / ``unet`` / ``conditioning`` / ``diffusion`` over their defaults
-    (unknown keys raise; ``config.unet`` may add any UNet field, checked by :func:`build_unet`)."""
-    unet = config.get("unet")
-    unet = dict(unet.to_dict() if hasattr(unet, "to_dict") else (unet or {}))
+    """``config.first_stage`` / ``conditioning`` / ``diffusion`` and the denoiser's section
+    (``config.unet``) over their defaults (unknown keys raise; the denoiser's section may add
+    any field of its module, checked by its builder)."""
+    diffusion = merge_section(diffusion_defaults(), config.get("diffusion"), "diffusion")
+    family = choice("config.diffusion.denoiser", diffusion.denoiser, tuple(DENOISER_DEFAULTS))
+    section = config.get(family)
+    section = dict(section.to_dict() if hasattr(section, "to_dict") else (section or {}))
     return ModelSections(
         first_stage=merge_section(first_stage_defaults(), config.get("first_stage"), "first_stage"),
-        unet={**unet_defaults().to_dict(), **unet},
+        denoiser={**DENOISER_DEFAULTS[family]().to_dict(), **section},
         conditioning=merge_section(conditioning_defaults(), config.get("conditioning"), "conditioning"),
-        diffusion=merge_section(diffusion_defaults(), config.get("diffusion"), "diffusion"),
+        diffusion=diffusion,
     )
 
 
@@ -263,7 +276,8 @@ def build_model(config: Any, info: Mapping[str, Any], first_stage: LoadedFirstSt
         sections.conditioning, info.get("num_classes"), bool(info.get("has_captions"))
     )
     latent_size = resolution // factor
-    unet = build_unet(sections.unet, first_stage.adapter.latent_channels, latent_size, conditioner)
+    build_denoiser = DENOISER_BUILDERS[sections.diffusion.denoiser]
+    unet = build_denoiser(sections.denoiser, first_stage.adapter.latent_channels, latent_size, conditioner)
     return DiffusionModel(
         unet=unet,
         conditioner=conditioner,

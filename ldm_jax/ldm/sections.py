@@ -131,11 +131,18 @@ def diffusion_defaults() -> ml_collections.ConfigDict:
             "beta_start": placeholder(float),
             "beta_end": placeholder(float),
             "rescale_zero_terminal_snr": False,
+            "denoiser": "unet",  # network family (DENOISER_DEFAULTS); its section is config.<denoiser>
             "prediction": "eps",  # "eps" | "v" | "x0"
             "weighting": "simple",  # "simple" | "min_snr"
             "min_snr_gamma": 5.0,
         }
     )
+
+
+# Denoiser families by ``config.diffusion.denoiser`` -> the defaults of their config section
+# (named like the family: ``config.unet``). A new family (DiT, MMDiT, ...) adds its defaults
+# here and its builder to ``ldm_jax.ldm.model.DENOISER_BUILDERS``.
+DENOISER_DEFAULTS = {"unet": unet_defaults}
 
 
 def autoencoder_defaults() -> ml_collections.ConfigDict:
