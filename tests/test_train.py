@@ -288,7 +288,7 @@ def test_text_conditional_shapes_run_trains_the_text_encoder(tmp_path):
         if source[i]["caption"] not in captions:
             captions.append(source[i]["caption"])
     assert rows == captions[: config.preview.max_rows] and n == len(rows) * config.preview.columns
-    tokenizer = model.conditioning.tokenizer
+    tokenizer = model.conditioner.tokenizer
     np.testing.assert_array_equal(cond["ids"], tokenizer([r for r in rows for _ in range(config.preview.columns)]).ids)
     np.testing.assert_array_equal(uncond["ids"], tokenizer([""] * n).ids)
 
