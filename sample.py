@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="sample.py", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model_dir", help="ldm_jax model folder (ldm_jax.json) or diffusers SD folder (model_index.json)")
-    src.add_argument("--workdir", help="diffusion training workdir (its EMA params, via ldm_jax.training.workdir.from_workdir)")
+    src.add_argument("--workdir", help="diffusion training workdir (its EMA params, via ldm_jax.pipeline.from_workdir)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step in --workdir (default: latest)")
     p.add_argument("--config", default=None, help="config file path.py[:arg] for --workdir (default: the run's own config.json)")
     cond = p.add_mutually_exclusive_group()
@@ -158,19 +158,9 @@ def _load_pipeline(args):
         from ldm_jax.pipeline import load_model_folder
 
         return load_model_folder(args.model_dir, batch_invariant=not args.fast_batching)
-    from ldm_jax.training.workdir import from_workdir
+    from ldm_jax.pipeline import from_workdir
 
     return from_workdir(args.workdir, step=args.step, config=args.config, batch_invariant=not args.fast_batching)
-
-
-def _grid(images: list[np.ndarray], columns: int) -> np.ndarray:
-    rows = math.ceil(len(images) / columns)
-    h, w, c = images[0].shape
-    grid = np.zeros((rows * h, columns * w, c), np.uint8)
-    for i, image in enumerate(images):
-        r, col = divmod(i, columns)
-        grid[r * h : (r + 1) * h, col * w : (col + 1) * w] = image
-    return grid
 
 
 def _regenerate_command(args, kind: str, value, index: int) -> str:
@@ -226,6 +216,7 @@ def run(args) -> int:
         raise BadInput(f"mask size {mh}x{mw} does not match init image size {ih}x{iw}")
 
     from ldm_jax.pipeline import enable_compilation_cache
+    from ldm_jax.training.run_logger import image_grid
 
     enable_compilation_cache(args.compilation_cache)
     if os.environ.get("LDM_JAX_COORDINATOR_ADDRESS"):
@@ -331,7 +322,8 @@ def run(args) -> int:
                 f.write("\n")
     if writer:
         columns = args.num_samples if len(values) > 1 and args.num_samples <= 16 else math.ceil(math.sqrt(len(outputs)))
-        grid = _grid(outputs, columns)
+        # No padding: images touch, as diffusers' make_image_grid.
+        grid = image_grid(np.stack(outputs), columns, padding=0, pad_value=0)
         Image.fromarray(grid.squeeze(-1) if grid.shape[-1] == 1 else grid).save(os.path.join(args.out, "grid.png"))
         print(f"wrote {len(outputs)} images and grid.png to {args.out}", file=sys.stderr)
     return 0

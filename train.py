@@ -18,7 +18,6 @@ host0:1234 --config.distributed.num_processes=N --config.distributed.process_id=
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import sys
@@ -48,11 +47,10 @@ def run(config, workdir: str, extra_hooks=()):
     import numpy as np
 
     from ldm_jax.data import build_dataset, build_loader, dataset_stats
+    from ldm_jax.training.context import start_run
     from ldm_jax.training.loop import Hook, train
-    from ldm_jax.training.config import resolve_config
-    from ldm_jax.training.distributed import initialize_distributed
-    from ldm_jax.training.tasks import stage_module
-    from ldm_jax.training.visibility import RunLogger
+    from ldm_jax.training.run_logger import RunLogger
+    from ldm_jax.training.stages import stage_module
     from ldm_jax.training.workdir import checkpoint_dir
 
     started = False
@@ -62,16 +60,16 @@ def run(config, workdir: str, extra_hooks=()):
             raise ValueError("config.stage is not set (e.g. 'autoencoder' or 'diffusion')")
         with config.unlocked():
             config.workdir = workdir
-        initialize_distributed(config)
-        resolved = resolve_config(config, jax.device_count(), jax.process_count())
-        module = stage_module(config.stage)
-        source = build_dataset(config.data)
-        stats = dataset_stats(source, str(config.data.name))
-        kwargs = {"source": source} if "source" in inspect.signature(module.build_stage).parameters else {}
-        stage = module.build_stage(config, stats, **kwargs)
-        train_source = getattr(stage, "data_source", None) or source
-        global_batch = int(resolved.train.global_batch_size)
-        loader = build_loader(config.data, global_batch, source=train_source)
+        # Resolved once: distributed start-up, the config checked against the devices, the mesh.
+        run_context = start_run(config)
+        resolved = run_context.config
+        module = stage_module(resolved.stage)
+        source = build_dataset(resolved.data)
+        stats = dataset_stats(source, str(resolved.data.name))
+        stage = module.build_stage(resolved, stats, source=source, run=run_context)
+        train_source = stage.data_source if stage.data_source is not None else source
+        global_batch = run_context.global_batch
+        loader = build_loader(resolved.data, global_batch, source=train_source)
 
         def batches(position: int, rows: slice):
             expected = slice(loader.process_index * loader.local_batch_size,
@@ -82,7 +80,7 @@ def run(config, workdir: str, extra_hooks=()):
                 for batch in iterator:
                     yield stage.host_batch(batch)
 
-        logging_config = config.get("logging") or {}
+        logging_config = resolved.get("logging") or {}
         logger = RunLogger(
             workdir,
             total_steps=int(resolved.train.num_steps),
@@ -91,11 +89,11 @@ def run(config, workdir: str, extra_hooks=()):
             progress_bar=bool(logging_config.get("progress_bar", True)),
             skipped_images=lambda: int(getattr(train_source, "num_skipped", 0)),
         )
-        preview_config = config.get("preview") or {}
+        preview_config = resolved.get("preview") or {}
         hooks = []
         preview_every = int(preview_config.get("every_steps", 0))
         if stage.preview is not None and preview_every >= 0:
-            columns = int(getattr(stage, "preview_columns", 0) or preview_config.get("columns", 0))
+            columns = int(stage.preview_columns or preview_config.get("columns", 0))
             seed = int(preview_config.get("seed", 0))
 
             def write_preview(step, state):
@@ -120,7 +118,7 @@ def run(config, workdir: str, extra_hooks=()):
     try:
         with logger:
             result = train(
-                config,
+                resolved,
                 stage.task,
                 batches,
                 checkpoint_dir(workdir),
@@ -129,6 +127,7 @@ def run(config, workdir: str, extra_hooks=()):
                 on_start=on_start,
                 hooks=hooks,
                 checkpoint_metadata=metadata,
+                run=run_context,
             )
     except ValueError as error:
         if started:
@@ -138,7 +137,7 @@ def run(config, workdir: str, extra_hooks=()):
         loader.close()
 
     num_steps = int(resolved.train.num_steps)
-    export_config = config.get("export") or {}
+    export_config = resolved.get("export") or {}
     export_dir = os.path.join(workdir, str(export_config.get("dirname", "model")))
     finished = result.step == num_steps and not result.preempted
     fresh = result.resumed_from != num_steps or not os.path.isdir(export_dir)

@@ -14,12 +14,12 @@ from __future__ import annotations
 from ml_collections.config_dict import placeholder
 
 from configs import base
-from ldm_jax.training.tasks.diffusion import add_stage_sections
+from ldm_jax.training.stages.sections import add_diffusion_sections
 
 
 def get_config(arg: str | None = None):
     local = base.is_local(arg)
-    c = add_stage_sections(base.get_base_config("diffusion"))
+    c = add_diffusion_sections(base.get_base_config("diffusion"))
     c.data = base.data_config("tfds:cifar10", 32, data_dir=placeholder(str))
     c.data.num_threads = 8
 
@@ -50,23 +50,11 @@ def get_config(arg: str | None = None):
     c.preview.every_steps = 10_000
 
     if local:
-        c.unet.block_out_channels = (32, 32)
+        base.shrink_for_local(c, 4)
         c.unet.down_block_types = ("DownBlock2D", "CrossAttnDownBlock2D")
         c.unet.up_block_types = ("CrossAttnUpBlock2D", "UpBlock2D")
-        c.unet.norm_num_groups = 8
-        c.unet.layers_per_block = 1
         c.unet.attention_head_dim = 2
-        c.unet.dropout = 0.0
         c.conditioning.class_embed_dim = 32
-        c.data.resolution = 16
         c.data.num_threads = 1
-        c.train.global_batch_size = 8
-        c.train.num_steps = 4
-        c.train.log_every = 2
-        c.optimizer.warmup_steps = 2
-        c.checkpoint.every_steps = 2
-        c.preview.every_steps = 4
-        c.preview.columns = 2
         c.preview.max_rows = 2
-        c.preview.num_steps = 3
     return c

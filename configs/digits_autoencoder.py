@@ -14,23 +14,21 @@ RGB and downloaded VGG weights. The exported folder (<workdir>/model) is the fir
 from __future__ import annotations
 
 from configs import base
-from ldm_jax.training.tasks.autoencoder import autoencoder_defaults, loss_defaults
+from ldm_jax.training.stages.sections import add_autoencoder_sections
 
 
 def get_config(arg: str | None = None):
     local = base.is_local(arg)
-    c = base.get_base_config("autoencoder")
+    c = add_autoencoder_sections(base.get_base_config("autoencoder"))
     c.data = base.data_config("digits", 32)
     c.data.channels = 1
 
-    c.autoencoder = autoencoder_defaults()
     c.autoencoder.kind = "kl"
     c.autoencoder.block_out_channels = (16, 32, 64)  # f = 4: 32x32 -> 8x8
     c.autoencoder.layers_per_block = 1
     c.autoencoder.latent_channels = 4
     c.autoencoder.norm_num_groups = 16
 
-    c.loss = loss_defaults()
     c.loss.pixel_loss = "l1"
     c.loss.kl_weight = 1e-6
     c.loss.disc_weight = 0.0  # GAN off (see module docstring)
@@ -52,16 +50,5 @@ def get_config(arg: str | None = None):
     c.preview.columns = 4  # each preview image is an (original | reconstruction) pair
 
     if local:
-        c.autoencoder.block_out_channels = (8, 16)
-        c.autoencoder.norm_num_groups = 8
-        c.autoencoder.mid_block_add_attention = False
-        c.data.resolution = 16
-        c.optimizer.warmup_steps = 2
-        c.train.global_batch_size = 8
-        c.train.num_steps = 10
-        c.train.log_every = 5
-        c.checkpoint.every_steps = 10
-        c.preview.every_steps = 10
-        c.preview.num_images = 4
-        c.preview.columns = 2
+        base.shrink_for_local(c, 10, checkpoint_every=10)
     return c

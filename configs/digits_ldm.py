@@ -15,12 +15,12 @@ latents/s on 2 busy cores; with 1500 steps the 8s and 9s are still ambiguous). T
 from __future__ import annotations
 
 from configs import base
-from ldm_jax.training.tasks.diffusion import add_stage_sections
+from ldm_jax.training.stages.sections import add_diffusion_sections
 
 
 def get_config(arg: str | None = None):
     local = base.is_local(arg)
-    c = add_stage_sections(base.get_base_config("diffusion"))
+    c = add_diffusion_sections(base.get_base_config("diffusion"))
     c.data = base.data_config("digits", 32)
     c.data.channels = 1  # the autoencoder's input
 
@@ -63,20 +63,7 @@ def get_config(arg: str | None = None):
     c.preview.num_steps = 100
     c.preview.guidance_scale = 3.0
 
-    if local:
-        c.data.resolution = 16  # as configs/digits_autoencoder.py:runlocal
-        c.unet.block_out_channels = (32, 32)
-        c.unet.down_block_types = ("DownBlock2D",) * 2
-        c.unet.up_block_types = ("UpBlock2D",) * 2
-        c.unet.norm_num_groups = 8
-        c.first_stage.scale_batches = 1
-        c.train.global_batch_size = 8
-        c.train.num_steps = 6
-        c.train.log_every = 3
-        c.optimizer.warmup_steps = 2
-        c.checkpoint.every_steps = 3
-        c.preview.every_steps = 6
-        c.preview.columns = 2
+    if local:  # 16 pixels, as configs/digits_autoencoder.py:runlocal
+        base.shrink_for_local(c, 6, sample_steps=4)
         c.preview.max_rows = 3
-        c.preview.num_steps = 4
     return c

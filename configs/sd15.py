@@ -23,12 +23,12 @@ from __future__ import annotations
 from ml_collections.config_dict import placeholder
 
 from configs import base
-from ldm_jax.training.tasks.diffusion import add_stage_sections
+from ldm_jax.training.stages.sections import add_diffusion_sections
 
 
 def get_config(arg: str | None = None):
     local = base.is_local(arg)
-    c = add_stage_sections(base.get_base_config("diffusion"))
+    c = add_diffusion_sections(base.get_base_config("diffusion"))
     c.data = base.data_config("folder", 512, path=placeholder(str))
     c.data.channels = 3
     c.data.num_threads = 16
@@ -88,21 +88,14 @@ def get_config(arg: str | None = None):
     ]
 
     if local:
-        c.data.resolution = 64
+        base.shrink_for_local(c, 10, resolution=64, checkpoint_every=5, log_every=50, sample_steps=4)
         c.data.num_threads = 2
         c.unet.block_out_channels = (32, 64)
-        c.unet.layers_per_block = 1
         c.unet.down_block_types = ("CrossAttnDownBlock2D", "DownBlock2D")
         c.unet.up_block_types = ("UpBlock2D", "CrossAttnUpBlock2D")
+        c.unet.norm_num_groups = 32
         c.unet.attention_head_dim = 2
         c.unet.dtype = "float32"
         c.unet.remat = False
         c.mesh.shape = {"data": -1, "fsdp": 1, "tensor": 1}
-        c.train.global_batch_size = 8
-        c.train.num_steps = 10
-        c.optimizer.warmup_steps = 2
-        c.checkpoint.every_steps = 5
-        c.preview.every_steps = 10
-        c.preview.num_steps = 4
-        c.preview.columns = 2
     return c

@@ -15,12 +15,12 @@ captions are replaced by the empty caption for classifier-free guidance. Pixel-s
 from __future__ import annotations
 
 from configs import base
-from ldm_jax.training.tasks.diffusion import add_stage_sections
+from ldm_jax.training.stages.sections import add_diffusion_sections
 
 
 def get_config(arg: str | None = None):
     local = base.is_local(arg)
-    c = add_stage_sections(base.get_base_config("diffusion"))
+    c = add_diffusion_sections(base.get_base_config("diffusion"))
     c.data = base.data_config("shapes", 32)
     c.data.shapes_num_examples = 50_000
 
@@ -68,28 +68,16 @@ def get_config(arg: str | None = None):
     ]
 
     if local:
-        c.data.resolution = 16
+        base.shrink_for_local(c, 4)
         c.data.shapes_num_examples = 256
-        c.unet.block_out_channels = (32, 32)
-        c.unet.layers_per_block = 1
         c.unet.down_block_types = ("DownBlock2D", "CrossAttnDownBlock2D")
         c.unet.up_block_types = ("CrossAttnUpBlock2D", "UpBlock2D")
         c.unet.mid_block_type = "UNetMidBlock2D"
-        c.unet.norm_num_groups = 8
         c.unet.attention_head_dim = 2
         c.conditioning.text_max_length = 16
         c.conditioning.text_width = 32
         c.conditioning.text_depth = 1
         c.conditioning.text_heads = 2
-        c.first_stage.scale_batches = 1
-        c.train.global_batch_size = 8
-        c.train.num_steps = 4
-        c.train.log_every = 2
-        c.optimizer.warmup_steps = 2
-        c.checkpoint.every_steps = 2
-        c.preview.every_steps = 4
-        c.preview.columns = 2
         c.preview.max_rows = 2
-        c.preview.num_steps = 3
         c.preview.prompts = []
     return c

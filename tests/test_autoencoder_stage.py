@@ -22,7 +22,7 @@ from ldm_jax.interop.diffusers_vae import load_diffusers_autoencoder_kl  # noqa:
 from ldm_jax.models import first_stage_losses as L  # noqa: E402
 from ldm_jax.models.autoencoder import last_layer_params  # noqa: E402
 from ldm_jax.training import train, training_defaults  # noqa: E402
-from ldm_jax.training.tasks import autoencoder as A  # noqa: E402
+from ldm_jax.training.stages import autoencoder as A  # noqa: E402
 
 RES, CH = 8, 1  # the digits' native 8x8: no resampling
 

@@ -31,6 +31,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from configs import digits_autoencoder, digits_ldm, mnist_ldm, sd15, shapes_ldm  # noqa: E402
+from ldm_jax.pipeline import from_workdir  # noqa: E402
 from ldm_jax.training import workdir as wd  # noqa: E402
 from ldm_jax.training.loop import Hook  # noqa: E402
 
@@ -201,7 +202,7 @@ def test_from_workdir_pipeline_reproduces_the_training_preview(digits_runs):
     process) equals what the pipeline rebuilt from the workdir's checkpoint generates."""
     _, ldm_dir, _ = digits_runs
     config = _ldm_config("unused")
-    pipe = wd.from_workdir(ldm_dir)
+    pipe = from_workdir(ldm_dir)
     rows, columns = config.preview.max_rows, config.preview.columns
     labels = [r for r in range(rows) for _ in range(columns)]
     images = pipe(
@@ -220,7 +221,7 @@ def test_frozen_first_stage_is_an_argument_not_a_compiled_constant(digits_runs):
     from ldm_jax.data import DataLoader, build_dataset, dataset_stats
     from ldm_jax.training import mesh as mesh_lib
     from ldm_jax.training.loop import compile_prepare_batch, place_frozen
-    from ldm_jax.training.tasks import diffusion
+    from ldm_jax.training.stages import diffusion
 
     ae_dir, ldm_dir, _ = digits_runs
     config = _ldm_config(ae_dir)
@@ -260,7 +261,8 @@ def test_resume_after_preemption_reproduces_the_uninterrupted_run(digits_runs, t
 def test_text_conditional_shapes_run_trains_the_text_encoder(tmp_path):
     from ldm_jax.data import build_dataset
     from ldm_jax.pipeline import load_model_folder
-    from ldm_jax.training.tasks import diffusion
+    from ldm_jax.ldm.model import build_model
+    from ldm_jax.training.stages import diffusion
 
     config = _quiet(shapes_ldm.get_config("runlocal"))
     config.first_stage.source = "identity"
@@ -270,7 +272,7 @@ def test_text_conditional_shapes_run_trains_the_text_encoder(tmp_path):
     assert result.step == 2 and np.isfinite(result.last_metrics["loss"])
 
     # the jointly trained text encoder moved away from its initialisation
-    model = diffusion.build_model(wd.read_config(tmp_path), wd.read_metadata(tmp_path)["data"])
+    model = build_model(wd.read_config(tmp_path), wd.read_metadata(tmp_path)["data"])
     params_key = jax.random.split(jax.random.key(config.seed))[0]  # as train_state._init_state
     initial = jax.tree.map(np.asarray, nn.unbox(model.init_params(params_key)))
     trained, _ = wd.restore_ema_params(tmp_path)
@@ -286,7 +288,7 @@ def test_text_conditional_shapes_run_trains_the_text_encoder(tmp_path):
         if source[i]["caption"] not in captions:
             captions.append(source[i]["caption"])
     assert rows == captions[: config.preview.max_rows] and n == len(rows) * config.preview.columns
-    tokenizer = model.conditioning.tokenizer
+    tokenizer = model.conditioner.tokenizer
     np.testing.assert_array_equal(cond["ids"], tokenizer([r for r in rows for _ in range(config.preview.columns)]).ids)
     np.testing.assert_array_equal(uncond["ids"], tokenizer([""] * n).ids)
 
@@ -344,7 +346,7 @@ def test_image_folder_with_a_corrupt_file_trains_and_reports_the_skip(digits_run
 @pytest.mark.parametrize("arg", [None, "runlocal"])
 def test_example_configs_build_their_models(name, arg):
     """Every example config builds a consistent model (U-Net, conditioning) for its data."""
-    from ldm_jax.training.tasks import diffusion
+    from ldm_jax.ldm.model import build_model
 
     module = __import__(f"configs.{name}", fromlist=["get_config"])
     config = module.get_config(arg)
@@ -353,7 +355,7 @@ def test_example_configs_build_their_models(name, arg):
     info = {"num_classes": 10 if config.conditioning.kind == "class" else None,
             "has_captions": config.conditioning.kind == "text", "resolution": config.data.resolution,
             "channels": channels}
-    model = diffusion.build_model(config, info)
+    model = build_model(config, info)
     params = jax.eval_shape(lambda: nn.unbox(model.init_params(jax.random.key(0))))
     assert model.unet.in_channels == channels and model.latent_size == config.data.resolution
     assert ("text_encoder" in params) == (config.conditioning.kind == "text")
@@ -407,13 +409,14 @@ def test_sd15_config_shapes_and_fsdp_sharding_on_8_devices(capsys):
     from ldm_jax.training import mesh as mesh_lib
     from ldm_jax.training.config import resolve_config
     from ldm_jax.training.optimizer import make_optimizer
-    from ldm_jax.training.tasks import diffusion
+    from ldm_jax.ldm.conditioning import TextConditioner
+    from ldm_jax.ldm.model import build_unet
     from ldm_jax.training.train_state import state_shardings
 
     config = resolve_config(sd15.get_config(), 8)
     assert dict(config.mesh.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
-    conditioning = diffusion.Conditioning("clip", encoder=CLIPTextEncoder(CLIPTextConfig()), drop_prob=0.1)
-    unet = diffusion.build_unet(config.unet, 4, 64, conditioning)
+    conditioning = TextConditioner(None, CLIPTextEncoder(CLIPTextConfig()), drop_prob=0.1)  # a frozen CLIP text encoder
+    unet = build_unet(config.unet, 4, 64, conditioning)
     assert unet.cross_attention_dim == 768 and unet.dtype == jnp.bfloat16 and unet.remat
 
     def init_params(key):
@@ -497,7 +500,7 @@ def test_frozen_diffusers_vae_and_clip_prepare_batches_like_the_torch_models(tmp
     from ldm_jax.data import DataLoader, build_dataset, dataset_stats
     from ldm_jax.training import mesh as mesh_lib
     from ldm_jax.training.loop import compile_prepare_batch, place_frozen
-    from ldm_jax.training.tasks import diffusion
+    from ldm_jax.training.stages import diffusion
 
     folder, vae, text, tokenizer = _tiny_sd_folder(str(tmp_path))
     config = _quiet(shapes_ldm.get_config("runlocal"))

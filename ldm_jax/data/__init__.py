@@ -10,7 +10,7 @@ Sources (each ``len`` + ``source[i] -> {"image": float32 [H, W, C] in [-1, 1], "
 from ldm_jax.data.build import build_dataset, build_loader
 from ldm_jax.data.digits import DigitsSource
 from ldm_jax.data.folder import ImageFolderSource
-from ldm_jax.data.pipeline import BatchIterator, DataLoader, IndexSampler, collate, make_global_batch
+from ldm_jax.data.loader import BatchIterator, DataLoader, IndexSampler, collate, make_global_batch
 from ldm_jax.data.shapes import ShapesSource, ShapeSpec
 from ldm_jax.data.source import DatasetStats, DataSource, dataset_stats
 

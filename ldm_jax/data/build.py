@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
-from ldm_jax.data.pipeline import DataLoader
+from ldm_jax.data.loader import DataLoader
 from ldm_jax.data.source import DataSource
 
 KNOWN_KEYS = frozenset(

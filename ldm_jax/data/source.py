@@ -3,7 +3,7 @@
 A source is a finite sequence of examples: ``len(source)`` and ``source[i]`` for
 ``0 <= i < len(source)``, where ``source[i]`` depends only on ``i`` (and the source's
 construction arguments), never on call order. That is what makes shuffling, per-process
-sharding and resumption from a single integer exact (see :mod:`ldm_jax.data.pipeline`).
+sharding and resumption from a single integer exact (see :mod:`ldm_jax.data.loader`).
 
 Each example is a dict:
 
@@ -21,7 +21,7 @@ from typing import Any, Optional, Protocol, Sequence, runtime_checkable
 
 @runtime_checkable
 class DataSource(Protocol):
-    """What :class:`ldm_jax.data.pipeline.DataLoader` needs from a dataset."""
+    """What :class:`ldm_jax.data.loader.DataLoader` needs from a dataset."""
 
     resolution: int
     channels: int

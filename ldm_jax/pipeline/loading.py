@@ -55,26 +55,14 @@ import numpy as np
 from flax import traverse_util
 
 from ldm_jax.interop.diffusers_unet import load_diffusers_unet, save_diffusers_unet
-from ldm_jax.interop.diffusers_vae import (
-    load_diffusers_autoencoder_kl,
-    load_diffusers_vq_model,
-    save_diffusers_autoencoder_kl,
-    save_diffusers_vq_model,
-)
+from ldm_jax.interop.diffusers_vae import save_diffusers_autoencoder_kl, save_diffusers_vq_model
 from ldm_jax.interop.torch_weights import StateDict, load_state_dict, save_state_dict
 from ldm_jax.interop.transformers_clip import load_clip_text_encoder, save_clip_text_encoder
+from ldm_jax.ldm.conditioning import ClassConditioner, TextConditioner, Unconditional
+from ldm_jax.ldm.first_stage import PixelSpace, load_autoencoder_folder
 from ldm_jax.models.clip import CLIPTextEncoder
 from ldm_jax.models.conditioning import ClassEmbedder, TextTransformer
 from ldm_jax.models.tokenizers import ByteTokenizer, CLIPTokenizer
-from ldm_jax.pipeline.components import (
-    ClassConditioner,
-    KLFirstStage,
-    PixelSpace,
-    TextConditioner,
-    Unconditional,
-    VQFirstStage,
-)
-from ldm_jax.pipeline.pipeline import LatentDiffusionPipeline
 
 FORMAT = "ldm_jax.model"
 FORMAT_VERSION = 1
@@ -287,15 +275,10 @@ def load_clip_tokenizer(folder: str) -> CLIPTokenizer:
 # ----------------------------------------------------------------------------- loading
 
 
-def load_model_folder(
-    folder: str | os.PathLike,
-    *,
-    dtype: Any = jnp.float32,
-    devices=None,
-    batch_invariant: bool = True,
-) -> LatentDiffusionPipeline:
-    """Load an ldm_jax model folder (``ldm_jax.json``) or a local diffusers Stable Diffusion
-    folder (``model_index.json``) into a :class:`LatentDiffusionPipeline`.
+def read_model_folder(folder: str | os.PathLike, *, dtype: Any = jnp.float32) -> dict:
+    """``LatentDiffusionPipeline`` keyword arguments of an ldm_jax model folder
+    (``ldm_jax.json``) or a local diffusers Stable Diffusion folder (``model_index.json``);
+    ``ldm_jax.pipeline.load_model_folder`` builds the pipeline from them.
 
     ``dtype`` is the compute dtype of every module (parameters stay float32). Raises
     FileNotFoundError for a missing folder or file and ValueError for unsupported content,
@@ -307,10 +290,9 @@ def load_model_folder(
     for name, components in ((LDM_JAX_JSON, _ldm_jax_components), (MODEL_INDEX, _diffusers_components)):
         if os.path.isfile(os.path.join(folder, name)):
             try:
-                kwargs = components(folder, dtype)
+                return components(folder, dtype)
             except KeyError as e:  # a config file without an entry the format requires
                 raise ValueError(f"a config file in {folder} lacks the entry {e}") from None
-            return LatentDiffusionPipeline(**kwargs, devices=devices, batch_invariant=batch_invariant)
     raise FileNotFoundError(f"{folder} holds neither {LDM_JAX_JSON} nor {MODEL_INDEX}")
 
 
@@ -319,17 +301,6 @@ def _component(index: Mapping, name: str) -> str | None:
     if not entry or entry[0] is None:
         return None
     return entry[1]
-
-
-def _load_first_stage(path: str, dtype):
-    class_name = _read_json(os.path.join(path, "config.json")).get("_class_name", "AutoencoderKL")
-    if class_name == "AutoencoderKL":
-        module, params = load_diffusers_autoencoder_kl(path, dtype=dtype)
-        return KLFirstStage(module), {"params": params}
-    if class_name == "VQModel":
-        module, variables = load_diffusers_vq_model(path, dtype=dtype)
-        return VQFirstStage(module), variables
-    raise ValueError(f"unsupported autoencoder class {class_name!r} in {path} (AutoencoderKL or VQModel)")
 
 
 def _concat_kind(unet, latent_channels: int, source: str) -> str | None:
@@ -351,7 +322,7 @@ def _diffusers_components(folder: str, dtype) -> dict:
         if found not in expected:
             raise ValueError(f"{MODEL_INDEX} in {folder}: component {name!r} is {found!r}, expected one of {expected}")
     unet, unet_params = load_diffusers_unet(os.path.join(folder, "unet"), dtype=dtype)
-    first_stage, first_stage_variables = _load_first_stage(os.path.join(folder, "vae"), dtype)
+    first_stage, first_stage_variables = load_autoencoder_folder(os.path.join(folder, "vae"), dtype)
     text_encoder = _component(index, "text_encoder")
     conditioner, conditioner_params = Unconditional(), None
     if text_encoder is not None:
@@ -391,7 +362,7 @@ def _ldm_jax_components(folder: str, dtype) -> dict:
     if first["kind"] == "identity":
         first_stage, first_stage_variables = PixelSpace(int(first["channels"])), None
     elif first["kind"] in ("kl", "vq"):
-        first_stage, first_stage_variables = _load_first_stage(os.path.join(folder, "vae"), dtype)
+        first_stage, first_stage_variables = load_autoencoder_folder(os.path.join(folder, "vae"), dtype)
         if first_stage.kind != first["kind"]:
             raise ValueError(f"{LDM_JAX_JSON} says first stage {first['kind']!r} but vae/ holds {first_stage.kind!r}")
     else:
@@ -460,14 +431,14 @@ def _conditioning_spec(conditioner) -> dict:
 
 
 def save_model_folder(
-    pipe: LatentDiffusionPipeline,
+    pipe: Any,
     folder: str | os.PathLike,
     *,
     step: int | None = None,
     provenance: Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> str:
-    """Write ``pipe`` as an ldm_jax model folder (see the module docstring) and return its path.
+    """Write ``pipe`` (a ``LatentDiffusionPipeline``) as an ldm_jax model folder (see the module docstring) and return its path.
 
     ``step`` (the training step) and ``provenance`` (e.g. ``{"workdir": ..., "config": ...}``,
     JSON-serialisable) are recorded with the parameters' hash. The folder is written next to

@@ -27,11 +27,8 @@ or compiler may round differently.
 from __future__ import annotations
 
 import copy
-import dataclasses
-import hashlib
-import math
 import os
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -39,60 +36,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ldm_jax.diffusion.editing import img2img, inpaint
-from ldm_jax.diffusion.guidance import cfg_model_fn
-from ldm_jax.diffusion.samplers import SAMPLERS, per_example_normal, resolve_sampler, sample, stream_key
 from ldm_jax.diffusion.schedules import Schedule, make_schedule
+from ldm_jax.ldm.conditioning import CONCAT_KINDS, ClassConditioner, TextConditioner, Unconditional
+from ldm_jax.ldm.first_stage import PixelSpace
+from ldm_jax.ldm.generation import Program, generate
+from ldm_jax.ldm.model import params_fingerprint
 from ldm_jax.models.unet import UNet
-from ldm_jax.pipeline.components import (
-    CONCAT_KINDS,
-    ClassConditioner,
-    PixelSpace,
-    TextConditioner,
-    Unconditional,
-    latent_mask,
-    low_res_condition,
-    masked_image,
-)
+from ldm_jax.pipeline import loading
+from ldm_jax.pipeline.requests import Request, prepare_request
 
 BATCH_AXIS = "batch"
-# Noise streams of the pipeline, beside the samplers' streams 0-3 (ldm_jax.diffusion.samplers.noise).
-STREAM_ENCODE = 16  # posterior sample of the init image's latents
-STREAM_ENCODE_MASKED = 17  # posterior sample of the masked image's latents (inpainting U-Nets)
-_CONCAT = "concat"  # key of the extra input channels in the conditioning pytree
-OUTPUT_TYPES = ("uint8", "float")
-ENCODE_MODES = ("sample", "mean")
 SCHEDULE_KEYS = ("kind", "num_timesteps", "beta_start", "beta_end", "betas", "rescale_to_zero_terminal_snr")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Program:
-    """Everything static about one generation program (the jit cache key, with the shapes)."""
-
-    mode: str  # "text2img" | "img2img" | "inpaint_concat" | "inpaint_replace"
-    latent_shape: tuple[int, int, int]
-    sampler: str
-    num_steps: int
-    options: tuple  # sorted (name, value) sampler options
-    strength: float | None
-    use_cfg: bool
-    encode_noise: bool
-    jumps: tuple[int, int]
-    batch_invariant: bool
-
-
-class _Request(NamedTuple):
-    """A validated generation request: the static program and the host-side inputs."""
-
-    program: _Program
-    inputs: dict
-    num_images: int
-    seed: int
-    guidance_scale: float
-    guidance_rescale: float
-    pad_batch_to: int | None
-    output_type: str
-    return_latents: bool
 
 
 def schedule_config_of(schedule: dict | Schedule) -> dict:
@@ -106,17 +60,6 @@ def schedule_config_of(schedule: dict | Schedule) -> dict:
     config = dict(schedule)
     make_schedule(**config)  # raises ValueError naming a bad value
     return config
-
-
-def params_fingerprint(tree) -> str:
-    """sha256 (first 16 hex digits) of a parameter pytree: paths, dtypes, shapes and bytes."""
-    digest = hashlib.sha256()
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
-        value = np.asarray(jax.device_get(leaf))
-        digest.update(f"{jax.tree_util.keystr(path)}|{value.dtype}|{value.shape};".encode())
-        digest.update(np.ascontiguousarray(value).tobytes())
-    return digest.hexdigest()[:16]
 
 
 def map_opaque_count(fn, xs):
@@ -142,71 +85,6 @@ def map_opaque_count(fn, xs):
     return jax.tree.map(lambda a: a[:count], jax.lax.fori_loop(0, opaque_count, body, outs))
 
 
-def _as_list(value, name: str) -> list | None:
-    if value is None:
-        return None
-    if isinstance(value, (str, int, np.integer)):
-        return [value]
-    value = list(value)
-    if not value:
-        raise ValueError(f"{name} is empty")
-    return value
-
-
-def _broadcast(values: list, n: int, name: str) -> list:
-    if len(values) == n:
-        return values
-    if len(values) == 1:
-        return values * n
-    raise ValueError(f"{name} has {len(values)} entries, expected 1 or num_images={n}")
-
-
-def _image_array(image, name: str, n: int, channels: int) -> np.ndarray:
-    """uint8 [0, 255] or float [0, 1] image(s) [H, W, C] / [N, H, W, C] (or PIL) -> float32
-    [n, H, W, C] in [-1, 1]."""
-    array = np.asarray(image)
-    if array.ndim == 2 and channels == 1:
-        array = array[..., None]
-    if array.ndim == 3:
-        array = array[None]
-    if array.ndim != 4 or array.shape[-1] != channels:
-        raise ValueError(f"{name} must be [H, W, {channels}] or [N, H, W, {channels}], got shape {array.shape}")
-    if array.dtype == np.uint8:
-        array = array.astype(np.float32) / 255.0
-    elif np.issubdtype(array.dtype, np.floating):
-        array = array.astype(np.float32)
-        if array.size and (array.min() < 0.0 or array.max() > 1.0):
-            raise ValueError(f"float {name} must lie in [0, 1], got range [{array.min()}, {array.max()}]")
-    else:
-        raise ValueError(f"{name} must be uint8 or float in [0, 1], got dtype {array.dtype}")
-    if array.shape[0] not in (1, n):
-        raise ValueError(f"{name} holds {array.shape[0]} images, expected 1 or num_images={n}")
-    return np.broadcast_to(2.0 * array - 1.0, (n,) + array.shape[1:])
-
-
-def _mask_array(mask, n: int) -> np.ndarray:
-    """Repaint mask(s) [H, W], [H, W, 1], [N, H, W] or [N, H, W, 1]: bool, uint8 (>= 128 is
-    repaint) or float in [0, 1] (>= 0.5 is repaint) -> float32 {0, 1} [n, H, W, 1]."""
-    array = np.asarray(mask)
-    if array.ndim == 2:
-        array = array[None, ..., None]
-    elif array.ndim == 3:
-        array = array[..., None] if array.shape[-1] != 1 else array[None]
-    if array.ndim != 4 or array.shape[-1] != 1:
-        raise ValueError(f"mask must be [H, W], [H, W, 1], [N, H, W] or [N, H, W, 1], got shape {np.shape(mask)}")
-    if array.dtype == np.uint8:
-        array = array >= 128
-    elif np.issubdtype(array.dtype, np.floating):
-        if array.size and (array.min() < 0.0 or array.max() > 1.0):
-            raise ValueError(f"float mask must lie in [0, 1], got range [{array.min()}, {array.max()}]")
-        array = array >= 0.5
-    elif array.dtype != bool:
-        raise ValueError(f"mask must be bool, uint8 or float in [0, 1], got dtype {array.dtype}")
-    if array.shape[0] not in (1, n):
-        raise ValueError(f"mask holds {array.shape[0]} masks, expected 1 or num_images={n}")
-    return np.broadcast_to(array.astype(np.float32), (n,) + array.shape[1:])
-
-
 class LatentDiffusionPipeline:
     """A U-Net, a first stage, a conditioner and a noise schedule, ready to generate.
 
@@ -216,7 +94,7 @@ class LatentDiffusionPipeline:
 
     Attributes:
       unet, first_stage, conditioner: the modules and adapters (see
-        :mod:`ldm_jax.pipeline.components`).
+        :mod:`ldm_jax.ldm.first_stage` and :mod:`ldm_jax.ldm.conditioning`).
       params: ``{"unet": ..., "first_stage": ..., "conditioner": ...}`` (unboxed arrays;
         ``first_stage`` holds the autoencoder's full variables ``{"params": ...}``).
       schedule_config: ``make_schedule`` keyword arguments; ``schedule`` the built Schedule.
@@ -295,9 +173,7 @@ class LatentDiffusionPipeline:
     @classmethod
     def from_pretrained(cls, folder, **kwargs) -> "LatentDiffusionPipeline":
         """Load a local diffusers Stable Diffusion folder or an ldm_jax model folder
-        (:func:`ldm_jax.pipeline.loading.load_model_folder`)."""
-        from ldm_jax.pipeline.loading import load_model_folder
-
+        (:func:`load_model_folder`)."""
         return load_model_folder(folder, **kwargs)
 
     def with_devices(self, devices: Sequence[Any] | None = None, batch_invariant: bool | None = None):
@@ -423,7 +299,7 @@ class LatentDiffusionPipeline:
             step (RePaint; ``inpaint_jumps=(jump_length, jump_n_sample)`` resamples).
           low_res: low-resolution conditioning image(s) for ``concat="low_res"`` models
             (uint8 or float in [0, 1]; resized to the latent grid by
-            :func:`~ldm_jax.pipeline.components.low_res_condition`).
+            :func:`~ldm_jax.ldm.conditioning.low_res_condition`).
           latents: optional initial noise [N, h, w, c] (standard normal) instead of the
             per-image noise (text2img and known-region inpainting).
           encode_mode: "sample" (diffusers) or "mean" of the autoencoder posterior for
@@ -435,7 +311,7 @@ class LatentDiffusionPipeline:
 
         Returns: images [N, H, W, C] (and latents if ``return_latents``).
         """
-        request = self._prepare(prompts, **kwargs)
+        request = prepare_request(self, prompts, **kwargs)
         images, final = self._run(request)
         if request.output_type == "uint8":
             images = np.round(images * 255.0).astype(np.uint8)
@@ -444,225 +320,13 @@ class LatentDiffusionPipeline:
     def validate(self, prompts: str | Sequence[str] | None = None, **kwargs) -> None:
         """Check the arguments of a :meth:`__call__` without generating: raises the ValueError
         the call would raise (e.g. before starting a progress bar)."""
-        self._prepare(prompts, **kwargs)
-
-    def _prepare(
-        self,
-        prompts: str | Sequence[str] | None = None,
-        *,
-        class_labels: int | Sequence[int] | None = None,
-        num_images: int | None = None,
-        negative_prompt: str | Sequence[str] | None = None,
-        sampler: str = "ddim",
-        num_steps: int = 50,
-        guidance_scale: float = 7.5,
-        guidance_rescale: float = 0.0,
-        eta: float = 0.0,
-        seed: int = 0,
-        image_indices: Sequence[int] | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        init_image=None,
-        strength: float | None = None,
-        mask=None,
-        low_res=None,
-        latents=None,
-        encode_mode: str = "sample",
-        inpaint_jumps: tuple[int, int] = (1, 1),
-        output_type: str = "uint8",
-        return_latents: bool = False,
-        pad_batch_to: int | None = None,
-        **sampler_options,
-    ) -> _Request:
-        """Validate the arguments of :meth:`__call__` and build the host-side request."""
-        fs = self.first_stage
-        conditions, n = self._conditions(prompts, class_labels, num_images)
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"unknown output_type {output_type!r}; expected one of {OUTPUT_TYPES}")
-        if encode_mode not in ENCODE_MODES:
-            raise ValueError(f"unknown encode_mode {encode_mode!r}; expected one of {ENCODE_MODES}")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-            raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
-        if image_indices is None:
-            indices = np.arange(n, dtype=np.int64)
-        else:
-            indices = np.asarray(image_indices)
-            if indices.shape != (n,) or not np.issubdtype(indices.dtype, np.integer):
-                raise ValueError(f"image_indices must be {n} integers, got {image_indices!r}")
-            if indices.size and (indices.min() < 0 or indices.max() >= 2**31):
-                raise ValueError(f"image_indices must lie in [0, 2**31), got range [{indices.min()}, {indices.max()}]")
-        if pad_batch_to is not None and (
-            isinstance(pad_batch_to, bool) or not isinstance(pad_batch_to, (int, np.integer)) or pad_batch_to < 1
-        ):
-            raise ValueError(f"pad_batch_to must be a positive integer or None, got {pad_batch_to!r}")
-        for name, value in (("guidance_scale", guidance_scale), ("guidance_rescale", guidance_rescale)):
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-
-        inputs: dict[str, Any] = {"index": indices.astype(np.int32)}
-        image = None
-        if init_image is not None:
-            image = _image_array(init_image, "init_image", n, fs.image_channels)
-            size = image.shape[1:3]
-            if (height is not None and height != size[0]) or (width is not None and width != size[1]):
-                raise ValueError(f"init_image size {size[0]}x{size[1]} does not match height={height}, width={width}")
-            height, width = size
-        if height is None or width is None:
-            default = self.default_size
-            if default is None:
-                raise ValueError("height and width are required (the U-Net config has no sample_size)")
-            height = default[0] if height is None else height
-            width = default[1] if width is None else width
-        self.check_size(height, width)
-        latent_shape = (height // fs.factor, width // fs.factor, fs.latent_channels)
-
-        mode, strength = self._mode(image is not None, mask is not None, strength)
-        if image is not None:
-            inputs["image"] = image
-        if mask is not None:
-            mask_array = _mask_array(mask, n)
-            if mask_array.shape[1:3] != (height, width):
-                raise ValueError(
-                    f"mask size {mask_array.shape[1]}x{mask_array.shape[2]} does not match the image size {height}x{width}"
-                )
-            inputs["mask"] = mask_array
-        if self.concat == "low_res":
-            if low_res is None:
-                raise ValueError("this model is low-res conditioned: pass low_res")
-            inputs["low_res"] = _image_array(low_res, "low_res", n, self.low_res_channels)
-        elif low_res is not None:
-            raise ValueError("low_res given but the model is not low-res conditioned (concat != 'low_res')")
-        if latents is not None:
-            if mode not in ("text2img", "inpaint_replace") and not (mode == "inpaint_concat" and strength == 1.0):
-                raise ValueError("latents (initial noise) apply to generation from pure noise, not to img2img")
-            x_T = np.asarray(latents, np.float32)
-            x_T = x_T[None] if x_T.ndim == 3 else x_T
-            if x_T.shape != (n,) + latent_shape:
-                raise ValueError(f"latents shape {x_T.shape} does not match {(n,) + latent_shape}")
-            inputs["x_T"] = x_T
-
-        use_cfg = self.conditioner.has_null and float(guidance_scale) != 1.0
-        if negative_prompt is not None and not use_cfg:
-            raise ValueError("negative_prompt needs classifier-free guidance (guidance_scale != 1)")
-        inputs["cond"] = self.conditioner.host_inputs(conditions) if conditions is not None else {}
-        if use_cfg:
-            negatives = _as_list(negative_prompt, "negative_prompt")
-            negatives = None if negatives is None else _broadcast(negatives, n, "negative_prompt")
-            inputs["uncond"] = self.conditioner.null_host_inputs(n, negatives)
-
-        options = self._sampler_options(sampler, num_steps, eta, sampler_options)
-        jump_length, jump_n_sample = self._jumps(inpaint_jumps, mode, sampler)
-        program = _Program(
-            mode=mode,
-            latent_shape=latent_shape,
-            sampler=sampler,
-            num_steps=int(num_steps),
-            options=options,
-            strength=strength,
-            use_cfg=use_cfg,
-            encode_noise=encode_mode == "sample" and fs.kind == "kl",
-            jumps=(jump_length, jump_n_sample),
-            batch_invariant=self.batch_invariant,
-        )
-        return _Request(
-            program, inputs, n, seed, float(guidance_scale), float(guidance_rescale), pad_batch_to, output_type,
-            bool(return_latents),
-        )
-
-    def _conditions(self, prompts, class_labels, num_images):
-        """(per-image conditions or None, number of images)."""
-        if num_images is not None and (
-            isinstance(num_images, bool) or not isinstance(num_images, (int, np.integer)) or num_images < 1
-        ):
-            raise ValueError(f"num_images must be a positive integer, got {num_images!r}")
-        kind = self.conditioner.kind
-        prompts = _as_list(prompts, "prompts")
-        labels = _as_list(class_labels, "class_labels")
-        if kind == "text":
-            if labels is not None:
-                raise ValueError("class_labels given to a text-conditioned model")
-            if prompts is None:
-                raise ValueError("this model is text-conditioned: pass prompts")
-            values, name = prompts, "prompts"
-        elif kind == "class":
-            if prompts is not None:
-                raise ValueError("prompts given to a class-conditional model")
-            if labels is None:
-                raise ValueError("this model is class-conditional: pass class_labels")
-            values, name = labels, "class_labels"
-        else:
-            if prompts is not None or labels is not None:
-                raise ValueError("prompts/class_labels given to an unconditional model")
-            return None, int(num_images or 1)
-        n = int(num_images or len(values))
-        return _broadcast(values, n, name), n
-
-    def _mode(self, has_image: bool, has_mask: bool, strength):
-        """(mode, strength) for the given inputs; ValueError for inconsistent ones."""
-        if strength is not None and (
-            isinstance(strength, bool) or not isinstance(strength, (int, float, np.floating)) or not 0 <= strength <= 1
-        ):
-            raise ValueError(f"strength must be a number in [0, 1], got {strength!r}")
-        if has_mask and not has_image:
-            raise ValueError("mask given without init_image")
-        if self.concat == "inpainting" and not has_mask:
-            raise ValueError("this is an inpainting model: pass init_image and mask")
-        if has_mask:
-            strength = 1.0 if strength is None else float(strength)
-            if self.concat == "inpainting":
-                return "inpaint_concat", strength
-            if strength != 1.0:
-                raise ValueError(
-                    f"strength={strength} is not supported by known-region inpainting (this U-Net has no mask channels)"
-                )
-            return "inpaint_replace", strength
-        if has_image:
-            return "img2img", 0.8 if strength is None else float(strength)
-        if strength is not None:
-            raise ValueError("strength applies to img2img / inpainting: pass init_image")
-        return "text2img", None
-
-    @staticmethod
-    def _jumps(inpaint_jumps, mode: str, sampler: str) -> tuple[int, int]:
-        """(jump_length, jump_n_sample), checked: RePaint resampling applies to known-region
-        inpainting with a one-step sampler."""
-        values = tuple(inpaint_jumps) if isinstance(inpaint_jumps, (tuple, list)) else ()
-        if len(values) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1 for v in values):
-            raise ValueError(f"inpaint_jumps must be two positive integers (jump_length, jump_n_sample), got {inpaint_jumps!r}")
-        jump_length, jump_n_sample = (int(v) for v in values)
-        if jump_n_sample > 1:
-            if mode != "inpaint_replace":
-                raise ValueError("inpaint_jumps resampling applies to known-region inpainting (init_image and mask)")
-            if not SAMPLERS[sampler].memoryless:
-                raise ValueError(f"inpaint_jumps resampling needs a one-step sampler, not {sampler!r}")
-        return jump_length, jump_n_sample
+        prepare_request(self, prompts, **kwargs)
 
     @property
     def learned_variance(self) -> bool:
         return self.unet.out_channels == 2 * self.first_stage.latent_channels
 
-    def _sampler_options(self, sampler: str, num_steps: int, eta: float, overrides: dict) -> tuple:
-        """The sampler's keyword options: model defaults it supports, then the caller's
-        (validated now, with the driver's own messages, rather than inside ``jit``)."""
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; expected one of {sorted(SAMPLERS)}")
-        spec = SAMPLERS[sampler]
-        options: dict[str, Any] = {"prediction": self.prediction}
-        for name, value in self.sampler_defaults.items():
-            if name in ("spacing", "steps_offset", "threshold_max", "threshold_percentile"):
-                options[name] = value
-            elif name in spec.options:
-                options[name] = value
-        if self.learned_variance:
-            options["variance"] = "learned"
-        options["eta"] = float(eta)
-        options.update(overrides)
-        resolve_sampler(sampler, self.schedule.num_timesteps, num_steps=num_steps, **options)
-        return tuple(sorted(options.items()))
-
-    # ------------------------------------------------------------------ execution
-
-    def _run(self, request: _Request):
+    def _run(self, request: Request):
         """Pad to the device count, place, run the jitted program, trim."""
         inputs, n = request.inputs, request.num_images
         size = max(n, int(request.pad_batch_to or 0))
@@ -694,7 +358,7 @@ class LatentDiffusionPipeline:
             lambda a: jax.make_array_from_callback(np.shape(a), sharding, lambda index: np.asarray(a)[index]), tree
         )
 
-    def _program(self, program: _Program, params, schedule, inputs, seed, guidance_scale, guidance_rescale):
+    def _program(self, program: Program, params, schedule, inputs, seed, guidance_scale, guidance_rescale):
         """The jitted program: shard the batch over the mesh; per device, generate its images
         one at a time (``batch_invariant``) or as one batch.
 
@@ -726,71 +390,12 @@ class LatentDiffusionPipeline:
             check_vma=False,
         )(params, schedule, inputs, seed, guidance_scale, guidance_rescale)
 
-    def _generate(self, program: _Program, params, schedule, inputs, seed, guidance_scale, guidance_rescale):
+    def _generate(self, program: Program, params, schedule, inputs, seed, guidance_scale, guidance_rescale):
         """One device's images: [b, H, W, C] in [0, 1] and final latents [b, h, w, c]."""
-        key = jax.random.PRNGKey(seed)
-        indices = inputs["index"]
-        batch = indices.shape[0]
-        fs = self.first_stage
-        fs_vars = params["first_stage"]
-        latent_shape = program.latent_shape
-
-        def encode(images, stream):
-            noise = None
-            if program.encode_noise:
-                noise = per_example_normal(stream_key(key, stream), indices, latent_shape)
-            return fs.encode(fs_vars, images, noise)
-
-        cond = self.conditioner.encode(params["conditioner"], inputs["cond"])
-        uncond = self.conditioner.encode(params["conditioner"], inputs["uncond"]) if program.use_cfg else None
-        init = encode(inputs["image"], STREAM_ENCODE) if "image" in inputs else None
-        extra = []
-        if program.mode == "inpaint_concat":
-            extra.append(latent_mask(inputs["mask"], fs.factor, "nearest"))
-            extra.append(encode(masked_image(inputs["image"], inputs["mask"]), STREAM_ENCODE_MASKED))
-        if "low_res" in inputs:
-            extra.append(low_res_condition(inputs["low_res"], latent_shape[:2]))
-        if extra:
-            # The same extra channels go to both guidance branches (as diffusers does).
-            channels = jnp.concatenate(extra, axis=-1)
-            cond = {**cond, _CONCAT: channels}
-            uncond = None if uncond is None else {**uncond, _CONCAT: channels}
-
-        unet_variables = {"params": params["unet"]}
-
-        def model_fn(x, t, conditioning):
-            conditioning = dict(conditioning)
-            channels = conditioning.pop(_CONCAT, None)
-            if channels is not None:
-                x = jnp.concatenate([x, channels.astype(x.dtype)], axis=-1)
-            return self.unet.apply(unet_variables, x, t, **conditioning)
-
-        if program.use_cfg:
-            model = cfg_model_fn(
-                model_fn,
-                cond,
-                uncond,
-                guidance_scale,
-                guidance_rescale,
-                guided_channels=latent_shape[-1] if self.learned_variance else None,
-            )
-        else:
-            model = lambda x, t: model_fn(x, t, cond)  # noqa: E731
-
-        common = dict(sampler=program.sampler, num_steps=program.num_steps, example_indices=indices, **dict(program.options))
-        if program.mode == "img2img" or (program.mode == "inpaint_concat" and program.strength < 1.0):
-            latents = img2img(model, schedule, init, key, strength=program.strength, **common)
-        elif program.mode == "inpaint_replace":
-            known = 1.0 - latent_mask(inputs["mask"], fs.factor, "max")
-            jump_length, jump_n_sample = program.jumps
-            latents = inpaint(
-                model, schedule, init, known, key, x_T=inputs.get("x_T"),
-                jump_length=jump_length, jump_n_sample=jump_n_sample, **common,
-            )
-        else:
-            latents = sample(model, schedule, (batch, *latent_shape), key, x_T=inputs.get("x_T"), **common)
-        images = fs.decode(fs_vars, latents).astype(jnp.float32)
-        return jnp.clip((images + 1.0) / 2.0, 0.0, 1.0), latents
+        return generate(
+            program, self.unet, self.first_stage, self.conditioner, params, schedule, inputs,
+            jax.random.PRNGKey(seed), guidance_scale, guidance_rescale,
+        )
 
 
 def enable_compilation_cache(directory: str | None) -> None:
@@ -803,3 +408,17 @@ def enable_compilation_cache(directory: str | None) -> None:
     # Cache every program, however quick to compile (the defaults skip small ones).
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def load_model_folder(
+    folder: str | os.PathLike, *, dtype: Any = jnp.float32, devices=None, batch_invariant: bool = True
+) -> LatentDiffusionPipeline:
+    """Load an ldm_jax model folder (``ldm_jax.json``) or a local diffusers Stable Diffusion
+    folder (``model_index.json``) into a :class:`LatentDiffusionPipeline`.
+
+    ``dtype`` is the compute dtype of every module (parameters stay float32). Raises
+    FileNotFoundError for a missing folder or file and ValueError for unsupported content,
+    each naming it (:func:`ldm_jax.pipeline.loading.read_model_folder`).
+    """
+    kwargs = loading.read_model_folder(folder, dtype=dtype)
+    return LatentDiffusionPipeline(**kwargs, devices=devices, batch_invariant=batch_invariant)

@@ -1,61 +1,60 @@
 """Model-agnostic training: mesh and sharding rules, sharded train state, AdamW with
 warmup+cosine, a jitted step with gradient accumulation and EMA, orbax checkpoints,
-multi-process start-up, SIGTERM handling, and the loop that ties them together.
+multi-process start-up, SIGTERM handling, and the loop that ties them together; the
+training stages (``ldm_jax.training.stages``) plug models into it.
 
 A model enters through ``Task(init_params, loss_fn)``; see ``loop.train``.
+
+Names are imported on first use (PEP 562), so ``import ldm_jax.training.defaults`` (what
+configs do) does not import JAX, and reading a workdir does not import the optimizer.
 """
 
-from ldm_jax.training.checkpointing import Checkpointer, write_config_json
-from ldm_jax.training.config import resolve_config, training_defaults
-from ldm_jax.training.distributed import global_batch_from_local, initialize_distributed, process_batch_rows
-from ldm_jax.training.loop import Task, TrainResult, train
-from ldm_jax.training.mesh import (
-    BATCH_AXES,
-    MESH_AXES,
-    PRESET_RULES,
-    batch_sharding,
-    logical_axis_rules,
-    make_mesh,
-    param_shardings,
-)
-from ldm_jax.training.optimizer import make_lr_schedule, make_optimizer
-from ldm_jax.training.preemption import PreemptionGuard
-from ldm_jax.training.step import compile_train_step, make_train_step, train_step
-from ldm_jax.training.train_state import (
-    TrainState,
-    abstract_with_shardings,
-    create_sharded_state,
-    state_shardings,
-    step_key,
-)
+from __future__ import annotations
 
-__all__ = [
-    "BATCH_AXES",
-    "MESH_AXES",
-    "PRESET_RULES",
-    "Checkpointer",
-    "PreemptionGuard",
-    "Task",
-    "TrainResult",
-    "TrainState",
-    "abstract_with_shardings",
-    "batch_sharding",
-    "compile_train_step",
-    "create_sharded_state",
-    "global_batch_from_local",
-    "initialize_distributed",
-    "logical_axis_rules",
-    "make_lr_schedule",
-    "make_mesh",
-    "make_optimizer",
-    "make_train_step",
-    "param_shardings",
-    "process_batch_rows",
-    "resolve_config",
-    "state_shardings",
-    "step_key",
-    "train",
-    "train_step",
-    "training_defaults",
-    "write_config_json",
-]
+import importlib
+
+# public name -> defining module
+_EXPORTS = {
+    "Checkpointer": "checkpointing",
+    "write_config_json": "checkpointing",
+    "resolve_config": "config",
+    "training_defaults": "defaults",
+    "RunContext": "context",
+    "start_run": "context",
+    "initialize_distributed": "distributed",
+    "process_batch_rows": "distributed",
+    "Task": "loop",
+    "TrainResult": "loop",
+    "train": "loop",
+    "BATCH_AXES": "mesh",
+    "MESH_AXES": "mesh",
+    "PRESET_RULES": "mesh",
+    "batch_sharding": "mesh",
+    "logical_axis_rules": "mesh",
+    "make_mesh": "mesh",
+    "param_shardings": "mesh",
+    "place_frozen": "mesh",
+    "make_lr_schedule": "optimizer",
+    "make_optimizer": "optimizer",
+    "PreemptionGuard": "preemption",
+    "compile_train_step": "step",
+    "make_train_step": "step",
+    "train_step": "step",
+    "TrainState": "train_state",
+    "abstract_with_shardings": "train_state",
+    "create_sharded_state": "train_state",
+    "state_shardings": "train_state",
+    "step_key": "train_state",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"ldm_jax.training.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'ldm_jax.training' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

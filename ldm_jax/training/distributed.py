@@ -13,7 +13,6 @@ import os
 from typing import Any, Mapping
 
 import jax
-import numpy as np
 from jax.sharding import NamedSharding
 
 ENV_PREFIX = "LDM_JAX_"
@@ -88,20 +87,3 @@ def process_batch_rows(sharding: NamedSharding, global_batch_size: int) -> slice
             )
         stop = hi
     return slice(start, stop)
-
-
-def global_batch_from_local(local_batch: Any, sharding: NamedSharding, global_batch_size: int) -> Any:
-    """Assemble global arrays from this process's rows (``process_batch_rows``) of every leaf.
-
-    A leaf that already is a global ``jax.Array`` with the right leading size is passed
-    through. Single-process runs hand the whole batch and get it placed with ``sharding``.
-    """
-
-    def one(x):
-        if isinstance(x, jax.Array) and x.shape[:1] == (global_batch_size,):
-            return x
-        x = np.asarray(x)
-        global_shape = (global_batch_size, *x.shape[1:])
-        return jax.make_array_from_process_local_data(sharding, x, global_shape)
-
-    return jax.tree.map(one, local_batch)

@@ -1,7 +1,7 @@
 """The training loop: the part that is the same for every model.
 
-``train(config, task, batches, checkpoint_dir)`` resolves the config against the devices,
-builds the mesh, creates the state sharded (or restores the latest checkpoint into the same
+``train(config, task, batches, checkpoint_dir, run=...)`` takes the resolved config and mesh
+(``ldm_jax.training.context.RunContext``; resolved here when not given), creates the state sharded (or restores the latest checkpoint into the same
 shardings), and runs the compiled step with periodic async checkpoints.
 
 Resumption is exact: the data position is the step (``batches(position, rows)`` must yield
@@ -26,14 +26,15 @@ import logging
 import os
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-import flax.linen as nn
 import jax
 import numpy as np
 
 from ldm_jax.training import mesh as mesh_lib
 from ldm_jax.training.checkpointing import Checkpointer, write_config_json
-from ldm_jax.training.config import resolve_config
-from ldm_jax.training.distributed import global_batch_from_local, initialize_distributed, process_batch_rows
+from ldm_jax.data.loader import make_global_batch
+from ldm_jax.training.context import RunContext, start_run
+from ldm_jax.training.distributed import process_batch_rows
+from ldm_jax.training.mesh import place_frozen  # noqa: F401  (part of the loop's API)
 from ldm_jax.training.optimizer import make_optimizer
 from ldm_jax.training.preemption import PreemptionGuard
 from ldm_jax.training.step import LossFn, compile_train_step, make_train_step
@@ -122,6 +123,7 @@ def train(
     hooks: Sequence[Hook] = (),
     on_step: MetricsCallback | None = None,
     on_start: Callable[[int], None] | None = None,
+    run: RunContext | None = None,
 ) -> TrainResult:
     """Train ``task`` for ``config.train.num_steps`` updates, resuming from ``checkpoint_dir``.
 
@@ -131,9 +133,11 @@ def train(
     last; ``on_step(step, metrics)`` after every step (one step late: metrics are read after
     the next step is dispatched); ``on_start(step)`` once the state is ready (before the
     first step, which compiles), with the step the run starts from; ``hooks`` see the state (see ``Hook``).
+    ``run``: the :class:`~ldm_jax.training.context.RunContext` ``train.py`` made (resolved
+    config, mesh); None resolves ``config`` here (``start_run``).
     """
-    initialize_distributed(config)
-    config = resolve_config(config, jax.device_count(), jax.process_count())
+    run = start_run(config) if run is None else run
+    config = run.config
     # Installed before the (possibly long) restore and compile, so a SIGTERM during start-up
     # still ends in a clean save-and-exit at the first step boundary.
     with (guard if guard is not None else PreemptionGuard()) as active_guard:
@@ -141,25 +145,9 @@ def train(
             checkpoint_dir, max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save
         ) as checkpointer:
             return _train(
-                config, task, batches, checkpointer, on_metrics, checkpoint_metadata, active_guard,
+                run, task, batches, checkpointer, on_metrics, checkpoint_metadata, active_guard,
                 tuple(hooks), on_step, on_start,
             )
-
-
-def place_frozen(frozen_params: Any, mesh: jax.sharding.Mesh, rules: mesh_lib.LogicalRules) -> tuple[Any, Any]:
-    """``(arrays, shardings)``: the frozen tree unboxed and placed on ``mesh`` (sharded by
-    ``rules`` where leaves carry logical names, replicated otherwise). Every process must
-    hold the same values (they are loaded from the same files); each places its own shards."""
-    shardings = mesh_lib.param_shardings(frozen_params, mesh, rules)
-    values = nn.unbox(frozen_params)
-
-    def place(value, sharding):
-        if isinstance(value, jax.Array) and value.sharding == sharding:
-            return value
-        host = np.asarray(value)
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-    return jax.tree.map(place, values, shardings), shardings
 
 
 def compile_prepare_batch(task: Task, frozen_shardings: Any, mesh: jax.sharding.Mesh) -> Callable:
@@ -174,10 +162,9 @@ def compile_prepare_batch(task: Task, frozen_shardings: Any, mesh: jax.sharding.
 
 
 def _train(
-    config, task, batches, checkpointer, on_metrics, checkpoint_metadata, guard, hooks, on_step, on_start
+    run, task, batches, checkpointer, on_metrics, checkpoint_metadata, guard, hooks, on_step, on_start
 ) -> TrainResult:
-    mesh = mesh_lib.make_mesh(config.mesh)
-    rules = mesh_lib.logical_axis_rules(config.sharding)
+    config, mesh, rules = run.config, run.mesh, run.rules
     tx, lr_schedule = make_optimizer(config.optimizer)
     abstract_state, shardings = state_shardings(task.init_params, tx, mesh, rules, config.seed)
 
@@ -260,7 +247,7 @@ def _train(
             preempted = True
             log.warning("stop requested: saved step %d, exiting", step)
             break
-        batch = global_batch_from_local(next(data), b_sharding, global_batch)
+        batch = make_global_batch(next(data), b_sharding, global_batch)
         key = key_fn(state.rng, step)
         if prepare is not None:
             batch = prepare(frozen, batch, prepare_key_fn(key))

@@ -267,3 +267,19 @@ def describe_shardings(tree: Any, shardings: Any, limit: int | None = None) -> l
         if limit is not None and len(lines) >= limit:
             break
     return lines
+
+
+def place_frozen(frozen_params: Any, mesh: jax.sharding.Mesh, rules: LogicalRules) -> tuple[Any, Any]:
+    """``(arrays, shardings)``: the frozen tree unboxed and placed on ``mesh`` (sharded by
+    ``rules`` where leaves carry logical names, replicated otherwise). Every process must
+    hold the same values (they are loaded from the same files); each places its own shards."""
+    shardings = param_shardings(frozen_params, mesh, rules)
+    values = nn.unbox(frozen_params)
+
+    def place(value, sharding):
+        if isinstance(value, jax.Array) and value.sharding == sharding:
+            return value
+        host = np.asarray(value)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(place, values, shardings), shardings

@@ -9,23 +9,20 @@ Layout written by ``train.py``::
     <workdir>/model/                         the exported EMA model (end of training)
     <workdir>/samples/*.png, tensorboard/    previews and event files
 
-``from_workdir(workdir, step=None)`` restores a diffusion run's EMA params (only those are read
-from the checkpoint) and returns a ``LatentDiffusionPipeline``; ``load_first_stage_from_workdir``
-does the same for an autoencoder run (the diffusion stage's ``first_stage.source="workdir"``).
-Reading never creates, locks or cleans anything in the workdir, so it is safe while the run
-is still training.
+This module only reads (and imports no stage or model): the inference objects built from a
+run are ``ldm_jax.pipeline.from_workdir`` (a diffusion run) and
+``ldm_jax.ldm.first_stage.load_autoencoder_run`` (an autoencoder run, the diffusion stage's
+``first_stage.source="workdir"``). Reading never creates, locks or cleans anything in the
+workdir, so it is safe while the run is still training.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-from typing import Any, Mapping
+from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -103,53 +100,6 @@ def restore_ema_params(workdir: str | os.PathLike, step: int | None = None) -> t
     return restored["ema_params"], step
 
 
-def box_like(abstract_boxed: Any, values: Any) -> Any:
-    """``values`` (a plain tree) with the logical-axis boxes of ``abstract_boxed`` (e.g.
-    ``jax.eval_shape(module.init, ...)``), so frozen params shard like trained ones."""
-
-    def one(box, value):
-        if isinstance(box, nn.LogicallyPartitioned):
-            if tuple(box.value.shape) != tuple(np.shape(value)):
-                raise ValueError(f"restored shape {np.shape(value)} does not match the model's {box.value.shape}")
-            return box.replace_boxed(value)
-        return value
-
-    return jax.tree.map(one, abstract_boxed, values, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
-
-
-@dataclasses.dataclass(frozen=True)
-class LoadedFirstStage:
-    """An autoencoder restored from a first-stage run: ``module`` (``AutoencoderKL`` /
-    ``VQModel``, scale factor 1), ``variables`` (``{"params": boxed EMA params}``) and a JSON
-    ``description`` of where it came from."""
-
-    module: Any
-    variables: Any
-    description: Mapping[str, Any]
-
-
-def load_first_stage_from_workdir(
-    workdir: str | os.PathLike, step: int | None = None, *, dtype: Any = jnp.float32
-) -> LoadedFirstStage:
-    """The EMA autoencoder of an autoencoder training run (checkpoint ``step`` or the latest)."""
-    from ldm_jax.training.tasks import autoencoder as ae_stage
-
-    config = read_config(workdir)
-    if config.get("stage") != "autoencoder":
-        raise ValueError(f"{workdir} is a {config.get('stage')!r} run, not an autoencoder run")
-    ema, step = restore_ema_params(workdir, step)
-    params = ema["autoencoder"]
-    channels = int(np.shape(params["encoder"]["conv_in"]["kernel"])[2])
-    module = ae_stage.build_autoencoder(ae_stage.autoencoder_config(config.get("autoencoder")), channels)
-    module = module.clone(dtype=dtype)
-    resolution = int(config.get("data", {}).get("resolution", 8 * module.downsample_factor))
-    image = jax.ShapeDtypeStruct((1, resolution, resolution, channels), jnp.float32)
-    abstract = jax.eval_shape(module.init, jax.random.key(0), image)
-    variables = box_like({"params": abstract["params"]}, {"params": params})
-    description = {"source": "workdir", "workdir": os.path.abspath(os.fspath(workdir)), "step": int(step)}
-    return LoadedFirstStage(module, variables, description)
-
-
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
     """``get_config(arg)`` of an experiment config file given as ``path/to/name.py[:arg]``
     (the same syntax as ``train.py --config``)."""
@@ -167,32 +117,3 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module.get_config(arg or None)
-
-
-def from_workdir(
-    workdir: str | os.PathLike, step: int | None = None, config: Any = None, **pipeline_kwargs
-) -> Any:
-    """A ``LatentDiffusionPipeline`` with the EMA params of a diffusion run's checkpoint
-    ``step`` (default: the latest), its stored scale factor and its frozen first stage /
-    text encoder (loaded again from where the run's config points). ``config``: the run's
-    own ``config.json`` when None, else a ConfigDict or a config file ``path.py[:arg]`` (e.g.
-    when the first stage moved). ``pipeline_kwargs`` go to ``LatentDiffusionPipeline``
-    (``devices``, ``batch_invariant``)."""
-    from ldm_jax.training.tasks import diffusion
-
-    if config is None:
-        config = read_config(workdir)
-    elif isinstance(config, (str, os.PathLike)):
-        config = load_config_file(os.fspath(config))
-    if config.get("stage") != "diffusion":
-        raise ValueError(
-            f"{workdir} is a {config.get('stage')!r} run; from_workdir builds diffusion pipelines "
-            "(autoencoder runs: load_first_stage_from_workdir)"
-        )
-    step = resolve_step(workdir, step)
-    metadata = read_metadata(workdir, step)
-    model = diffusion.build_model(config, metadata["data"])
-    model = dataclasses.replace(model, first_stage=model.first_stage.with_scale(float(metadata["scale_factor"])))
-    ema, _ = restore_ema_params(workdir, step)
-    provenance = {"source": os.path.abspath(os.fspath(workdir)), "format": "ldm_jax.workdir", "step": step}
-    return model.pipeline(ema, info=provenance, **pipeline_kwargs)

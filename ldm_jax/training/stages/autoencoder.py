@@ -2,8 +2,10 @@
 the taming / LDM losses (pixel + optional LPIPS, KL or codebook regulariser, PatchGAN
 discriminator with the adaptive weight, switched on after ``config.loss.disc_start`` steps).
 
-``build_stage(config, data_stats) -> Stage`` is what ``train.py`` calls for
-``config.stage == "autoencoder"``.
+``build_stage(config, data_stats, *, source=None, run=None) -> Stage`` is what ``train.py``
+calls for ``config.stage == "autoencoder"``; the autoencoder module itself is built by
+``ldm_jax.ldm.first_stage.build_autoencoder`` (shared with the diffusion stage, which loads it
+back from this stage's run).
 
 Parameters
 ----------
@@ -91,146 +93,33 @@ import numpy as np
 from ldm_jax.data import build_dataset
 from ldm_jax.interop.diffusers_vae import save_diffusers_autoencoder_kl, save_diffusers_vq_model
 from ldm_jax.interop.lpips_weights import load_lpips_params
+from ldm_jax.ldm.first_stage import SCALE_FACTOR_PLACEHOLDER, build_autoencoder  # noqa: F401  (exported)
+from ldm_jax.ldm.sections import autoencoder_defaults, compute_dtype, merge_section
 from ldm_jax.models import first_stage_losses as losses
-from ldm_jax.models.autoencoder import AutoencoderKL, VQModel, last_layer_params
+from ldm_jax.models.autoencoder import AutoencoderKL, last_layer_params
 from ldm_jax.models.discriminator import NLayerDiscriminator
 from ldm_jax.training.loop import Task
-from ldm_jax.training.tasks.base import Stage
+from ldm_jax.training.stages.base import Stage
+from ldm_jax.training.stages.sections import loss_defaults
 
 log = logging.getLogger(__name__)
 
-KINDS = ("kl", "vq")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 FIRST_STAGE_JSON = "first_stage.json"
-# Placeholder written to the exported config.json: the diffusion stage estimates the real one.
-SCALE_FACTOR_PLACEHOLDER = 1.0
-
-
-# ----------------------------------------------------------------------------- config
-
-
-def autoencoder_defaults() -> ml_collections.ConfigDict:
-    """``config.autoencoder``: the model. A small KL-f4 by default."""
-    return ml_collections.ConfigDict(
-        {
-            "kind": "kl",  # "kl" | "vq"
-            "block_out_channels": (64, 128, 128),  # downsampling factor 2**(len - 1)
-            "layers_per_block": 1,
-            "latent_channels": 4,
-            "norm_num_groups": 32,
-            "mid_block_add_attention": True,
-            "dtype": "float32",  # compute dtype: "float32" | "bfloat16" (params stay float32)
-            # VQ only
-            "num_vq_embeddings": 256,
-            "vq_embed_dim": 0,  # 0: latent_channels
-            "vq_beta": 0.25,
-            "vq_use_ema": False,  # not supported by the shared loop (see module docstring)
-        }
-    )
-
-
-def loss_defaults() -> ml_collections.ConfigDict:
-    """``config.loss``: the taming / LDM first-stage loss and its discriminator."""
-    return ml_collections.ConfigDict(
-        {
-            "pixel_loss": "l1",  # "l1" | "l2"
-            "perceptual_weight": 1.0,  # used only when lpips_path is set
-            "lpips_path": "",  # local LPIPS lin weights (lpips package layout); "" = perceptual OFF
-            "lpips_vgg_path": "",  # torchvision vgg16 state dict, if lpips_path holds only lin weights
-            "kl_weight": 1e-6,
-            "codebook_weight": 1.0,
-            "logvar_init": 0.0,
-            # GAN: off entirely when disc_weight == 0 or disc_factor == 0 (no discriminator params)
-            "disc_weight": 0.5,
-            "disc_factor": 1.0,
-            "disc_start": 50001,  # first step (updates done) at which the GAN terms are on
-            "disc_loss": "hinge",  # "hinge" | "vanilla"
-            "adaptive_disc_weight": True,
-            "disc_layers": 3,
-            "disc_channels": 64,
-            "disc_norm": "group",  # "group" | "none"
-            "disc_norm_groups": 32,
-        }
-    )
-
-
-def _get(section: Any, key: str, default: Any) -> Any:
-    return section.get(key, default) if section is not None else default
-
-
-def _merged(defaults: ml_collections.ConfigDict, section: Any, name: str) -> ml_collections.ConfigDict:
-    out = ml_collections.ConfigDict(defaults.to_dict())
-    if section is None:
-        return out
-    items = section.to_dict() if hasattr(section, "to_dict") else dict(section)
-    unknown = sorted(set(items) - set(out.keys()))
-    if unknown:
-        raise ValueError(f"unknown config.{name} keys {unknown}; known keys: {sorted(out.keys())}")
-    with out.unlocked():
-        for key, value in items.items():
-            out[key] = value
-    return out
 
 
 def autoencoder_config(section: Any) -> ml_collections.ConfigDict:
-    """``config.autoencoder`` completed with :func:`autoencoder_defaults` (unknown keys raise)."""
-    return _merged(autoencoder_defaults(), section, "autoencoder")
+    """``config.autoencoder`` completed with its defaults (unknown keys raise)."""
+    return merge_section(autoencoder_defaults(), section, "autoencoder")
 
 
 def loss_config(section: Any) -> ml_collections.ConfigDict:
     """``config.loss`` completed with :func:`loss_defaults` (unknown keys raise)."""
-    return _merged(loss_defaults(), section, "loss")
+    return merge_section(loss_defaults(), section, "loss")
 
 
 def gan_enabled(loss_config: Any) -> bool:
     """Whether the stage has a discriminator at all."""
     return float(loss_config.disc_weight) > 0 and float(loss_config.disc_factor) > 0
-
-
-def build_autoencoder(ae: ml_collections.ConfigDict, channels: int):
-    """The ``AutoencoderKL`` / ``VQModel`` of a completed ``config.autoencoder`` section for
-    ``channels``-channel images (``scale_factor`` is the placeholder 1.0). Raises ValueError
-    for unknown kinds/dtypes, widths not divisible by the group count, ``vq_use_ema=True``."""
-    kind = ae.kind
-    if kind not in KINDS:
-        raise ValueError(f"unknown config.autoencoder.kind {kind!r}; choose one of {', '.join(KINDS)}")
-    if ae.dtype not in DTYPES:
-        raise ValueError(f"unknown config.autoencoder.dtype {ae.dtype!r}; choose one of {', '.join(DTYPES)}")
-    common = dict(
-        in_channels=channels,
-        out_channels=channels,
-        block_out_channels=tuple(int(c) for c in ae.block_out_channels),
-        layers_per_block=int(ae.layers_per_block),
-        latent_channels=int(ae.latent_channels),
-        norm_num_groups=int(ae.norm_num_groups),
-        mid_block_add_attention=bool(ae.mid_block_add_attention),
-        scale_factor=SCALE_FACTOR_PLACEHOLDER,
-        dtype=DTYPES[ae.dtype],
-    )
-    for c in common["block_out_channels"]:
-        if c <= 0 or c % common["norm_num_groups"]:
-            raise ValueError(
-                f"config.autoencoder.block_out_channels entry {c} is not a positive multiple of "
-                f"norm_num_groups={common['norm_num_groups']}"
-            )
-    if kind == "kl":
-        return AutoencoderKL(**common)
-    if ae.vq_use_ema:
-        raise ValueError(
-            "config.autoencoder.vq_use_ema=True is not supported: the shared training loop carries no mutable "
-            "collections for the EMA codebook statistics; use vq_use_ema=False (gradient-trained codebook)"
-        )
-    return VQModel(
-        num_vq_embeddings=int(ae.num_vq_embeddings),
-        vq_embed_dim=int(ae.vq_embed_dim) or None,
-        beta=float(ae.vq_beta),
-        legacy_beta=False,
-        **common,
-    )
-
-
-# Older private names (ldm_jax.training.workdir uses them).
-_model = build_autoencoder
 
 
 def _loss_config(loss: ml_collections.ConfigDict, kind: str, perceptual_on: bool) -> losses.FirstStageLossConfig:
@@ -413,7 +302,7 @@ def build_parts(config: Any, channels: int, resolution: int) -> AutoencoderStage
             n_layers=int(loss.disc_layers),
             norm=loss.disc_norm,
             norm_num_groups=int(loss.disc_norm_groups),
-            dtype=DTYPES[ae.dtype],
+            dtype=compute_dtype(ae.dtype, "config.autoencoder.dtype"),
         )
         # fail at start-up, not inside the first jitted step
         image = jax.ShapeDtypeStruct((1, resolution, resolution, channels), jnp.float32)
@@ -492,9 +381,12 @@ def export_autoencoder(parts: AutoencoderStageParts, params: Mapping[str, Any], 
 # ----------------------------------------------------------------------------- entry point
 
 
-def build_stage(config: Any, data_stats: Any) -> Stage:
+def build_stage(config: Any, data_stats: Any, *, source: Any = None, run: Any = None) -> Stage:
     """The autoencoder stage for ``config`` (sections ``autoencoder``, ``loss``, ``data``,
-    ``preview``) and the dataset's :class:`ldm_jax.data.DatasetStats`."""
+    ``preview``) and the dataset's :class:`ldm_jax.data.DatasetStats` (the common signature of
+    ``ldm_jax.training.stages.base``; this stage needs neither ``source`` nor ``run``: it trains
+    on the configured images and its preview reads held-out images itself)."""
+    del source, run
     parts = build_parts(config, channels=int(data_stats.channels), resolution=int(data_stats.resolution))
 
     def host_batch(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -503,7 +395,7 @@ def build_stage(config: Any, data_stats: Any) -> Stage:
     task = Task(init_params=parts.init_params, loss_fn=parts.stage_loss, loss_takes_step=True)
 
     preview = None
-    num_preview = int(_get(config.get("preview"), "num_images", 8))
+    num_preview = int((config.get("preview") or {}).get("num_images", 8))
     if num_preview > 0 and config.get("data") is not None:
         source = build_dataset(held_out_data_config(config.data))
         count = min(num_preview, len(source))

@@ -22,7 +22,7 @@ from __future__ import annotations
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import jax
 import numpy as np
@@ -115,23 +115,29 @@ def collate(examples: list[dict[str, Any]], indices: np.ndarray) -> dict[str, An
     return batch
 
 
-def make_global_batch(local_batch: dict[str, Any], sharding: NamedSharding) -> dict[str, Any]:
-    """Assembles each process's local arrays into global ``jax.Array``s sharded along the batch.
+def make_global_batch(local_batch: Any, sharding: NamedSharding, global_batch_size: int | None = None) -> Any:
+    """Assembles each process's rows of a global batch into global ``jax.Array``s sharded along
+    the batch (the one function for this; the training loop uses it too).
 
     Only ``sharding.spec[0]`` (the batch-dimension entry) is used, so the same sharding works
-    for images ``[b, H, W, C]`` and labels ``[b]``; every other dimension is replaced by
-    ``None`` (replicated). The global batch size is ``b * process_count``. Host entries
-    (captions) are passed through unchanged.
+    for images ``[b, H, W, C]`` and labels ``[b]``; every other dimension is replicated. The
+    global batch size is ``global_batch_size`` (default ``b * process_count``). Host entries
+    (captions) are passed through unchanged, and so is a leaf that already is a global
+    ``jax.Array`` of the global batch size.
     """
     batch_spec = sharding.spec[0] if len(sharding.spec) else None
     batch_sharding = NamedSharding(sharding.mesh, PartitionSpec(batch_spec))
-    out = {}
-    for key, value in local_batch.items():
-        if key in HOST_KEYS:
-            out[key] = value
-        else:
-            out[key] = jax.make_array_from_process_local_data(batch_sharding, np.asarray(value))
-    return out
+
+    def one(x):
+        if isinstance(x, jax.Array) and global_batch_size is not None and x.shape[:1] == (global_batch_size,):
+            return x
+        x = np.asarray(x)
+        global_shape = None if global_batch_size is None else (int(global_batch_size), *x.shape[1:])
+        return jax.make_array_from_process_local_data(batch_sharding, x, global_shape)
+
+    if isinstance(local_batch, Mapping):
+        return {key: value if key in HOST_KEYS else jax.tree.map(one, value) for key, value in local_batch.items()}
+    return jax.tree.map(one, local_batch)
 
 
 class DataLoader:

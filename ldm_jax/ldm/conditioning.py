@@ -1,25 +1,24 @@
-"""The parts a :class:`~ldm_jax.pipeline.pipeline.LatentDiffusionPipeline` is built from,
-behind small uniform interfaces, and the conditioning conventions shared with training.
+"""Conditioners (host-side inputs -> U-Net keyword arguments inside ``jit``), the same objects
+in training and inference, and the channel-concatenated conditions.
 
-First stages (pixels <-> what the U-Net sees), all NHWC, images in [-1, 1]:
-
-* :class:`KLFirstStage` - ``AutoencoderKL`` (Stable Diffusion's VAE);
-* :class:`VQFirstStage` - ``VQModel`` (LDM's VQ-f4/f8; decoding quantises);
-* :class:`PixelSpace` - the identity, for pixel-space diffusion.
-
-Each has ``encode(variables, images, noise) -> latents`` (diffusion scale:
-``scale_factor * (z - shift_factor)``; ``noise`` None takes the posterior mean) and
-``decode(variables, latents) -> images``.
-
-Conditioners (host-side inputs -> U-Net keyword arguments inside ``jit``):
+Every conditioner has ``kind``, ``has_null`` (classifier-free guidance applies),
+``drop_prob`` (training: the probability of the null condition), ``input_keys`` (the
+host arrays it reads), ``params_key`` (where its
+parameters live in the model's param tree, or None) and ``trainable`` (those params are
+trained, rather than frozen), ``context_dim`` (cross-attention width, or None),
+``host_inputs(conditions)``, ``null_host_inputs(count, negative=None)``,
+``encode(params, inputs) -> U-Net kwargs``, ``drop(inputs, key)`` and ``init_params(key)``:
 
 * :class:`TextConditioner` - a tokenizer (CLIP BPE or byte) and a text encoder
-  (``CLIPTextEncoder`` or the from-scratch ``TextTransformer``) -> ``context`` [B, L, D];
-  the null condition is the empty prompt (or a negative prompt);
+  (``CLIPTextEncoder``, frozen, or the from-scratch ``TextTransformer``, trained) ->
+  ``context`` [B, L, D]; the null condition is the empty prompt (or a negative prompt);
 * :class:`ClassConditioner` - class ids -> the U-Net's own class embedding
   (``class_labels``), or a :class:`~ldm_jax.models.conditioning.ClassEmbedder` used as a
   one-token cross-attention ``context``; the null condition is label ``num_classes``;
 * :class:`Unconditional`.
+
+``config.conditioning.kind`` picks a builder from :data:`CONDITIONER_BUILDERS` (a new kind,
+e.g. SDXL's pooled text + time ids, is one builder and one conditioner class).
 
 Channel-concatenation conventions (the U-Net's ``in_channels`` is the sum; training must build
 its inputs with the same functions):
@@ -35,131 +34,69 @@ its inputs with the same functions):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+import os
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.models.autoencoder import AutoencoderKL, VQModel
+from ldm_jax.diffusion.guidance import drop_conditioning
+from ldm_jax.ldm.sections import CONDITIONING_KINDS, choice
 from ldm_jax.models.clip import CLIPTextEncoder
 from ldm_jax.models.conditioning import ClassEmbedder, TextTransformer
 from ldm_jax.models.tokenizers import ByteTokenizer, CLIPTokenizer
 
 CONCAT_KINDS = (None, "inpainting", "low_res")
 
-# ----------------------------------------------------------------------------- first stages
+
+class _Conditioner:
+    """The classifier-free-guidance drop every conditioner shares."""
+
+    drop_prob: float = 0.0
+
+    def drop(self, inputs: Mapping[str, Any], key) -> dict:
+        """Replace each example's condition by the null one with probability ``drop_prob``."""
+        if not self.has_null or self.drop_prob <= 0:
+            return dict(inputs)
+        null = {k: jnp.asarray(v) for k, v in self.null_host_inputs(1).items()}
+        return drop_conditioning(key, dict(inputs), null, self.drop_prob)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class KLFirstStage:
-    """``AutoencoderKL``; ``encode`` samples the posterior with the given standard-normal
-    ``noise`` (or takes its mean when ``noise`` is None)."""
-
-    module: AutoencoderKL
-    kind = "kl"
-
-    @property
-    def factor(self) -> int:
-        return self.module.downsample_factor
-
-    @property
-    def latent_channels(self) -> int:
-        return self.module.latent_channels
-
-    @property
-    def image_channels(self) -> int:
-        return self.module.in_channels
-
-    def encode(self, variables, images, noise=None):
-        """images [B, H, W, C] in [-1, 1] -> diffusion latents [B, H/f, W/f, latent_channels]."""
-
-        def fn(m, x):
-            posterior = m.encode(x)
-            z = posterior.mean if noise is None else posterior.mean + posterior.std * noise
-            return m.latents_for_diffusion(z)
-
-        return self.module.apply(variables, images, method=fn)
-
-    def decode(self, variables, latents):
-        """diffusion latents [B, h, w, latent_channels] -> images [B, h*f, w*f, C], ~[-1, 1]."""
-        return self.module.apply(variables, latents, method=lambda m, z: m.decode(m.latents_from_diffusion(z)))
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class VQFirstStage:
-    """``VQModel``: the diffusion model works on ``scale_factor * h`` with ``h`` the
-    pre-quantisation latents; decoding quantises (as LDM). ``noise`` is ignored."""
-
-    module: VQModel
-    kind = "vq"
-
-    @property
-    def factor(self) -> int:
-        return self.module.downsample_factor
-
-    @property
-    def latent_channels(self) -> int:
-        return self.module.embed_dim
-
-    @property
-    def image_channels(self) -> int:
-        return self.module.in_channels
-
-    def encode(self, variables, images, noise=None):
-        return self.module.apply(variables, images, method=lambda m, x: m.latents_for_diffusion(m.encode(x)))
-
-    def decode(self, variables, latents):
-        return self.module.apply(variables, latents, method=lambda m, z: m.decode(m.latents_from_diffusion(z)))
-
-
-@dataclasses.dataclass(frozen=True)
-class PixelSpace:
-    """The identity first stage of a pixel-space diffusion model (``channels`` image channels)."""
-
-    channels: int = 3
-    kind = "identity"
-    factor = 1
-
-    @property
-    def latent_channels(self) -> int:
-        return self.channels
-
-    @property
-    def image_channels(self) -> int:
-        return self.channels
-
-    def encode(self, variables, images, noise=None):
-        return images.astype(jnp.float32)
-
-    def decode(self, variables, latents):
-        return latents
-
-
-FirstStage = Any  # KLFirstStage | VQFirstStage | PixelSpace
-
-# ----------------------------------------------------------------------------- conditioners
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class TextConditioner:
+class TextConditioner(_Conditioner):
     """Prompts -> cross-attention context.
 
     Attributes:
       tokenizer: :class:`CLIPTokenizer` or :class:`ByteTokenizer` (runs on the host).
-      encoder: :class:`CLIPTextEncoder` (its ``context`` output; no attention mask, as the
-        Stable Diffusion pipelines) or :class:`TextTransformer` (padding mask from the
-        tokenizer).
+      encoder: :class:`CLIPTextEncoder` (frozen; its ``context`` output, no attention mask, as
+        the Stable Diffusion pipelines) or :class:`TextTransformer` (trained jointly; padding
+        mask from the tokenizer).
+      drop_prob: training's probability of the empty prompt.
     """
 
     tokenizer: CLIPTokenizer | ByteTokenizer
     encoder: CLIPTextEncoder | TextTransformer
+    drop_prob: float = 0.0
     kind = "text"
     has_null = True
+    params_key = "text_encoder"
+    unet_num_classes = None
+    input_keys = ("ids", "mask")
 
     def __post_init__(self):
         if not isinstance(self.encoder, (CLIPTextEncoder, TextTransformer)):
             raise ValueError(f"text encoder must be a CLIPTextEncoder or TextTransformer, got {type(self.encoder).__name__}")
+
+    @property
+    def trainable(self) -> bool:
+        return isinstance(self.encoder, TextTransformer)
+
+    @property
+    def context_dim(self) -> int:
+        if isinstance(self.encoder, CLIPTextEncoder):
+            return int(self.encoder.config.hidden_size)
+        return int(self.encoder.width)
 
     def host_inputs(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
         """Prompts -> ``{"ids": int32 [B, L], "mask": bool [B, L]}``."""
@@ -181,23 +118,46 @@ class TextConditioner:
             context = self.encoder.apply({"params": params}, inputs["ids"], inputs["mask"])
         return {"context": context.astype(jnp.float32)}
 
+    def init_params(self, key):
+        tokens = self.tokenizer([""])
+        return self.encoder.init(key, jnp.asarray(tokens.ids), jnp.asarray(tokens.mask))["params"]
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class ClassConditioner:
+class ClassConditioner(_Conditioner):
     """Class ids -> the U-Net's class embedding (``embedder`` None: ``class_labels``) or a
     :class:`ClassEmbedder` used as a one-token cross-attention context ``[B, 1, D]``.
     Label ``num_classes`` is the null class of classifier-free guidance."""
 
     num_classes: int
     embedder: ClassEmbedder | None = None
+    drop_prob: float = 0.0
     kind = "class"
     has_null = True
+    input_keys = ("labels",)
 
     def __post_init__(self):
         if not isinstance(self.num_classes, (int, np.integer)) or self.num_classes < 1:
             raise ValueError(f"num_classes must be a positive int, got {self.num_classes!r}")
         if self.embedder is not None and self.embedder.num_classes != self.num_classes:
             raise ValueError(f"ClassEmbedder has {self.embedder.num_classes} classes, expected {self.num_classes}")
+
+    @property
+    def params_key(self) -> str | None:
+        return None if self.embedder is None else "class_embedder"
+
+    @property
+    def trainable(self) -> bool:
+        return self.embedder is not None
+
+    @property
+    def context_dim(self) -> int | None:
+        return None if self.embedder is None else int(self.embedder.embed_dim)
+
+    @property
+    def unet_num_classes(self) -> int | None:
+        """The U-Net's class table size (labels go straight to the U-Net), or None."""
+        return int(self.num_classes) if self.embedder is None else None
 
     def host_inputs(self, labels: Sequence[int]) -> dict[str, np.ndarray]:
         """Class ids -> ``{"labels": int32 [B]}``; each id must be in [0, num_classes)."""
@@ -219,13 +179,21 @@ class ClassConditioner:
         context = self.embedder.apply({"params": params}, inputs["labels"], as_context=True)
         return {"context": context.astype(jnp.float32)}
 
+    def init_params(self, key):
+        return self.embedder.init(key, jnp.zeros((1,), jnp.int32), as_context=True)["params"]
+
 
 @dataclasses.dataclass(frozen=True)
-class Unconditional:
+class Unconditional(_Conditioner):
     """No conditioning (classifier-free guidance does not apply)."""
 
     kind = "none"
     has_null = False
+    params_key = None
+    trainable = False
+    context_dim = None
+    unet_num_classes = None
+    input_keys = ()
 
     def host_inputs(self, conditions) -> dict[str, np.ndarray]:
         return {}
@@ -239,7 +207,69 @@ class Unconditional:
 
 Conditioner = Any  # TextConditioner | ClassConditioner | Unconditional
 
-# ----------------------------------------------------------------------------- concat conventions
+
+# ----------------------------------------------------------------------------- building from a config
+
+
+def _build_none(cond, drop_prob, num_classes, has_captions):
+    return Unconditional(), None
+
+
+def _build_class(cond, drop_prob, num_classes, has_captions):
+    if not num_classes:
+        raise ValueError("config.conditioning.kind='class' but the dataset has no labels")
+    embedder = None
+    if cond.class_as_context:
+        embedder = ClassEmbedder(num_classes=int(num_classes), embed_dim=int(cond.class_embed_dim))
+    return ClassConditioner(int(num_classes), embedder, drop_prob=drop_prob), None
+
+
+def _build_text(cond, drop_prob, num_classes, has_captions):
+    length = int(cond.text_max_length)
+    encoder = TextTransformer(
+        max_length=length, width=int(cond.text_width), depth=int(cond.text_depth), num_heads=int(cond.text_heads)
+    )
+    return TextConditioner(ByteTokenizer(length), encoder, drop_prob=drop_prob), None
+
+
+def _build_clip(cond, drop_prob, num_classes, has_captions):
+    from ldm_jax.interop.transformers_clip import load_clip_text_encoder
+
+    path = str(cond.clip_path or "")
+    if not path or not os.path.isdir(path):
+        raise ValueError(f"config.conditioning.clip_path {path!r} is not a directory")
+    encoder, params = load_clip_text_encoder(path, context_layer=cond.clip_context_layer)
+    tokenizer_dir = os.path.join(path, "tokenizer") if os.path.isdir(os.path.join(path, "tokenizer")) else path
+    return TextConditioner(CLIPTokenizer.from_pretrained(tokenizer_dir), encoder, drop_prob=drop_prob), params
+
+
+# config.conditioning.kind -> builder(section, drop_prob, num_classes, has_captions) ->
+# (conditioner, frozen params or None). Kinds that need captions are listed in NEEDS_CAPTIONS.
+CONDITIONER_BUILDERS: dict[str, Callable[..., tuple[Conditioner, Any]]] = {
+    "none": _build_none,
+    "class": _build_class,
+    "text": _build_text,
+    "clip": _build_clip,
+}
+NEEDS_CAPTIONS = ("text", "clip")
+assert tuple(CONDITIONER_BUILDERS) == CONDITIONING_KINDS
+
+
+def build_conditioner(cond: Any, num_classes: int | None, has_captions: bool) -> tuple[Conditioner, Any]:
+    """``(conditioner, frozen params or None)`` of a completed ``config.conditioning`` for a
+    dataset with ``num_classes`` labels (or None) and captions (or not)."""
+    kind = choice("config.conditioning.kind", cond.kind, CONDITIONING_KINDS)
+    drop_prob = float(cond.drop_prob)
+    if not 0.0 <= drop_prob <= 1.0:
+        raise ValueError(f"config.conditioning.drop_prob must be in [0, 1], got {drop_prob}")
+    if kind in NEEDS_CAPTIONS and not has_captions:
+        raise ValueError(f"config.conditioning.kind={kind!r} but the dataset has no captions")
+    if kind == "none":
+        drop_prob = 0.0
+    return CONDITIONER_BUILDERS[kind](cond, drop_prob, num_classes, has_captions)
+
+
+# ----------------------------------------------------------------------------- concat conditions
 
 
 def binarize_mask(mask) -> jax.Array:

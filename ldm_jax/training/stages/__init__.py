@@ -1,8 +1,9 @@
 """Training stages, by ``config.stage`` name.
 
-Each stage is a module with ``build_stage(config, data_stats) -> Stage`` (see ``base.Stage``);
-``train.py`` looks it up here and never looks inside. Modules are imported on first use, so
-naming a stage costs nothing for the others.
+Each stage is a module with ``build_stage(config, data_stats, *, source=None, run=None) ->
+Stage`` (see ``base``); ``train.py`` looks it up here and never looks inside. Modules are
+imported on first use, so naming a stage costs nothing for the others (and this package
+imports without JAX; the JAX-free config sections are in ``sections``).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from types import ModuleType
 
 # config.stage -> module path
 STAGES: dict[str, str] = {
-    "autoencoder": "ldm_jax.training.tasks.autoencoder",
-    "diffusion": "ldm_jax.training.tasks.diffusion",
+    "autoencoder": "ldm_jax.training.stages.autoencoder",
+    "diffusion": "ldm_jax.training.stages.diffusion",
 }
 
 

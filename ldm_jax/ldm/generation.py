@@ -1,0 +1,137 @@
+"""The one generation program: conditions -> reverse process -> decoded images.
+
+:func:`generate` is what training previews (``ldm_jax.training.stages.diffusion``) and
+:class:`ldm_jax.pipeline.LatentDiffusionPipeline` both run inside their own ``jit`` (the
+pipeline shards it over devices and maps it over images; a preview runs it on one batch).
+It covers text / class / unconditional sampling with classifier-free guidance, img2img,
+concat inpainting, known-region inpainting (RePaint jumps) and low-res conditioning.
+
+What is static lives in :class:`Program` (a jit cache key); the caller decides which
+arguments are traced. Randomness: image ``inputs["index"][i]`` draws everything from
+``fold_in(key, index)`` streams, so an image does not depend on the batch it is in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ldm_jax.diffusion.editing import img2img, inpaint
+from ldm_jax.diffusion.guidance import cfg_model_fn
+from ldm_jax.diffusion.samplers import per_example_normal, sample, stream_key
+from ldm_jax.ldm.conditioning import latent_mask, low_res_condition, masked_image
+
+# Noise streams of generation, beside the samplers' streams 0-3 (ldm_jax.diffusion.samplers.noise).
+STREAM_ENCODE = 16  # posterior sample of the init image's latents
+STREAM_ENCODE_MASKED = 17  # posterior sample of the masked image's latents (inpainting U-Nets)
+_CONCAT = "concat"  # key of the extra input channels in the conditioning pytree
+MODES = ("text2img", "img2img", "inpaint_concat", "inpaint_replace")
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """Everything static about one generation program (the jit cache key, with the shapes).
+
+    options: sorted ``(name, value)`` sampler options (``prediction`` among them).
+    use_cfg: classifier-free guidance (``inputs["uncond"]`` is given).
+    encode_noise: sample the posterior when encoding images (KL first stages).
+    jumps: RePaint ``(jump_length, jump_n_sample)`` for known-region inpainting.
+    batch_invariant: the pipeline maps the program over single images (see its docstring).
+    """
+
+    mode: str
+    latent_shape: tuple[int, int, int]
+    sampler: str
+    num_steps: int
+    options: tuple
+    strength: float | None = None
+    use_cfg: bool = False
+    encode_noise: bool = False
+    jumps: tuple[int, int] = (1, 1)
+    batch_invariant: bool = False
+
+
+def generate(
+    program: Program,
+    unet,
+    first_stage,
+    conditioner,
+    params: Any,
+    schedule,
+    inputs: dict,
+    key: jax.Array,
+    guidance_scale=1.0,
+    guidance_rescale=0.0,
+):
+    """Images [b, H, W, C] in [0, 1] (float32) and final latents [b, h, w, c].
+
+    params: ``{"unet", "first_stage", "conditioner"}`` (unboxed). inputs: ``index`` int [b]
+    (image indices), ``cond`` (and with ``use_cfg`` ``uncond``) conditioner host inputs,
+    optionally ``image`` / ``mask`` / ``low_res`` / ``x_T``.
+    """
+    indices = inputs["index"]
+    batch = indices.shape[0]
+    fs = first_stage
+    fs_vars = params["first_stage"]
+    latent_shape = program.latent_shape
+    learned_variance = unet.out_channels == 2 * fs.latent_channels
+
+    def encode(images, stream):
+        noise = None
+        if program.encode_noise:
+            noise = per_example_normal(stream_key(key, stream), indices, latent_shape)
+        return fs.encode(fs_vars, images, noise)
+
+    cond = conditioner.encode(params["conditioner"], inputs["cond"])
+    uncond = conditioner.encode(params["conditioner"], inputs["uncond"]) if program.use_cfg else None
+    init = encode(inputs["image"], STREAM_ENCODE) if "image" in inputs else None
+    extra = []
+    if program.mode == "inpaint_concat":
+        extra.append(latent_mask(inputs["mask"], fs.factor, "nearest"))
+        extra.append(encode(masked_image(inputs["image"], inputs["mask"]), STREAM_ENCODE_MASKED))
+    if "low_res" in inputs:
+        extra.append(low_res_condition(inputs["low_res"], latent_shape[:2]))
+    if extra:
+        # The same extra channels go to both guidance branches (as diffusers does).
+        channels = jnp.concatenate(extra, axis=-1)
+        cond = {**cond, _CONCAT: channels}
+        uncond = None if uncond is None else {**uncond, _CONCAT: channels}
+
+    unet_variables = {"params": params["unet"]}
+
+    def model_fn(x, t, conditioning):
+        conditioning = dict(conditioning)
+        channels = conditioning.pop(_CONCAT, None)
+        if channels is not None:
+            x = jnp.concatenate([x, channels.astype(x.dtype)], axis=-1)
+        return unet.apply(unet_variables, x, t, **conditioning)
+
+    if program.use_cfg:
+        model = cfg_model_fn(
+            model_fn,
+            cond,
+            uncond,
+            guidance_scale,
+            guidance_rescale,
+            guided_channels=latent_shape[-1] if learned_variance else None,
+        )
+    else:
+        model = lambda x, t: model_fn(x, t, cond)  # noqa: E731
+
+    common = dict(sampler=program.sampler, num_steps=program.num_steps, example_indices=indices, **dict(program.options))
+    if program.mode == "img2img" or (program.mode == "inpaint_concat" and program.strength < 1.0):
+        latents = img2img(model, schedule, init, key, strength=program.strength, **common)
+    elif program.mode == "inpaint_replace":
+        known = 1.0 - latent_mask(inputs["mask"], fs.factor, "max")
+        jump_length, jump_n_sample = program.jumps
+        latents = inpaint(
+            model, schedule, init, known, key, x_T=inputs.get("x_T"),
+            jump_length=jump_length, jump_n_sample=jump_n_sample, **common,
+        )
+    else:
+        latents = sample(model, schedule, (batch, *latent_shape), key, x_T=inputs.get("x_T"), **common)
+    images = fs.decode(fs_vars, latents).astype(jnp.float32)
+    return jnp.clip((images + 1.0) / 2.0, 0.0, 1.0), latents
