@@ -40,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.kernels.attention import BACKEND_NAMES as ATTENTION_BACKENDS
+from ldm_jax.kernels.attention import dot_product_attention
 from ldm_jax.models import partitioning as P
 from ldm_jax.models.embeddings import TimestepEmbedding, timestep_embedding
 
@@ -47,7 +49,6 @@ Dtype = Any
 
 # Attention backend name -> ``jax.nn.dot_product_attention(implementation=...)``. The project-wide
 # backend registry (flash / splash kernels) will replace this table at the single call site below.
-ATTENTION_BACKENDS: dict[str, str | None] = {"auto": None, "xla": "xla", "cudnn": "cudnn"}
 ACTIVATIONS = ("gelu-approximate", "gelu")
 TIME_FREQ_DIM = 256  # width of the sinusoidal timestep features (diffusers' Timesteps(256, ...))
 
@@ -57,17 +58,16 @@ MODULATION_TABLE = ("norm", "embed")
 
 
 def attend(q, k, v, *, key_mask=None, backend: str = "auto"):
-    """Softmax attention, scale ``head_dim ** -0.5``, logits and softmax in float32.
+    """Softmax attention, scale ``head_dim ** -0.5``, logits and softmax in float32, through the
+    project's backend registry (``ldm_jax.kernels``: xla / blockwise / splash / cudnn / auto).
 
     q [B, T, H, D], k/v [B, S, H, D], key_mask [B, S] (True/1 = attend) or None -> [B, T, H, D].
-    THE attention call of this module: switch backends here.
+    THE attention call of this module.
     """
     if backend not in ATTENTION_BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; known: {sorted(ATTENTION_BACKENDS)}")
-    mask = None
-    if key_mask is not None:
-        mask = jnp.asarray(key_mask).astype(bool)[:, None, None, :]  # [B, 1(heads), 1(queries), S]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=ATTENTION_BACKENDS[backend])
+    mask = None if key_mask is None else jnp.asarray(key_mask).astype(bool)
+    return dot_product_attention(q, k, v, key_mask=mask, backend=backend)
 
 
 def sincos_pos_embed_2d(
