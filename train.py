@@ -18,6 +18,7 @@ host0:1234 --config.distributed.num_processes=N --config.distributed.process_id=
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -33,16 +34,24 @@ log = logging.getLogger("train")
 
 EXIT_CONFIG_ERROR = 2
 EXIT_NON_FINITE = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention for Ctrl-C
 
 
 class StartupError(Exception):
     """A bad config or missing input found before the first training step (one-line message)."""
 
 
-def run(config, workdir: str, extra_hooks=()):
+def run(config, workdir: str, extra_hooks=(), guard=None):
     """Train ``config`` in ``workdir`` (resuming if it holds checkpoints). Returns the loop's
     ``TrainResult``. Raises StartupError (one-line message) for anything wrong before the first
-    step; errors after that propagate unchanged. ``extra_hooks``: more ``loop.Hook`` objects."""
+    step; errors after that propagate unchanged. ``extra_hooks``: more ``loop.Hook`` objects;
+    ``guard``: the loop's PreemptionGuard (SIGTERM/SIGINT), so the caller can read which signal
+    stopped the run. The workdir is locked for the whole run (one run per workdir)."""
+    with contextlib.ExitStack() as stack:
+        return _run(config, workdir, extra_hooks, guard, stack)
+
+
+def _run(config, workdir, extra_hooks, guard, stack):
     import jax
     import numpy as np
 
@@ -51,7 +60,9 @@ def run(config, workdir: str, extra_hooks=()):
     from ldm_jax.training.loop import Hook, train
     from ldm_jax.training.run_logger import RunLogger
     from ldm_jax.training.stages import stage_module
+    from ldm_jax.training.atomic_export import export_atomically, export_complete
     from ldm_jax.training.workdir import checkpoint_dir
+    from ldm_jax.training.workdir_lock import WorkdirLockedError, lock_workdir
 
     started = False
     workdir = os.path.abspath(workdir)
@@ -62,6 +73,10 @@ def run(config, workdir: str, extra_hooks=()):
             config.workdir = workdir
         # Resolved once: distributed start-up, the config checked against the devices, the mesh.
         run_context = start_run(config)
+        # Locked after distributed start-up (the lock is a collective) and before anything is
+        # written to the workdir (latent cache, config.json, checkpoints).
+        os.makedirs(workdir, exist_ok=True)
+        stack.enter_context(lock_workdir(workdir))
         resolved = run_context.config
         module = stage_module(resolved.stage)
         source = build_dataset(resolved.data)
@@ -104,7 +119,7 @@ def run(config, workdir: str, extra_hooks=()):
 
             hooks.append(Hook(preview_every, write_preview, at_end=True))
         hooks.extend(extra_hooks)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError, WorkdirLockedError) as error:
         raise StartupError(str(error)) from error
 
     def on_start(step):
@@ -128,6 +143,7 @@ def run(config, workdir: str, extra_hooks=()):
                 hooks=hooks,
                 checkpoint_metadata=metadata,
                 run=run_context,
+                guard=guard,
             )
     except ValueError as error:
         if started:
@@ -140,7 +156,9 @@ def run(config, workdir: str, extra_hooks=()):
     export_config = resolved.get("export") or {}
     export_dir = os.path.join(workdir, str(export_config.get("dirname", "model")))
     finished = result.step == num_steps and not result.preempted
-    fresh = result.resumed_from != num_steps or not os.path.isdir(export_dir)
+    # Re-exported whenever the finished run's export is missing or incomplete (no marker for
+    # this step), e.g. after a kill during a previous export.
+    fresh = not export_complete(export_dir, step=num_steps)
     if stage.export is not None and export_config.get("enabled", True) and finished and fresh:
         ema = result.state.ema_params
         if jax.process_count() > 1:
@@ -148,7 +166,7 @@ def run(config, workdir: str, extra_hooks=()):
 
             ema = multihost_utils.process_allgather(ema, tiled=True)
         if jax.process_index() == 0:
-            stage.export(jax.device_get(ema), export_dir)
+            export_atomically(stage.export, jax.device_get(ema), export_dir, {"step": num_steps})
             log.info("exported the EMA model to %s", export_dir)
     if result.preempted:
         log.warning("preempted at step %d; re-run the same command to resume", result.step)
@@ -168,14 +186,25 @@ def main(argv):
     # orbax reports every checkpoint step at INFO through absl; keep the run log readable.
     logging.getLogger("absl").setLevel(logging.WARNING)
     logging.getLogger("jax").setLevel(logging.WARNING)  # backend probing ("no TPU found")
+    from ldm_jax.training.atomic_export import ExportError
+    from ldm_jax.training.preemption import PreemptionGuard
+
+    guard = PreemptionGuard()  # SIGTERM and SIGINT: save at the next step boundary
     try:
-        run(_CONFIG.value, FLAGS.workdir)
+        result = run(_CONFIG.value, FLAGS.workdir, guard=guard)
     except StartupError as error:
         print(f"train.py: error: {error}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    except FloatingPointError as error:
+    except (FloatingPointError, ExportError) as error:
         print(f"train.py: stopped: {error}", file=sys.stderr)
         return EXIT_NON_FINITE
+    except KeyboardInterrupt:
+        print("train.py: interrupted again: stopped without saving (the last checkpoint is kept)", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if result.preempted:
+        print(f"train.py: stopped by {guard.describe()} at step {result.step}; checkpoint saved, "
+              "re-run the same command to resume", file=sys.stderr)
+        return guard.exit_code
     return 0
 
 

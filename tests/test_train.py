@@ -536,3 +536,25 @@ def test_frozen_diffusers_vae_and_clip_prepare_batches_like_the_torch_models(tmp
     loss = jax.eval_shape(stage.task.loss_fn, nn.unbox(jax.eval_shape(model.init_params, jax.random.key(0))),
                           prepared, jax.random.key(0))
     assert loss[0].shape == ()
+
+
+def test_command_line_refuses_a_locked_workdir_with_one_line_and_writes_nothing(tmp_path):
+    from ldm_jax.training.workdir_lock import WorkdirLock
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop("XLA_FLAGS", None)
+    command = [
+        sys.executable, os.path.join(ROOT, "train.py"),
+        "--config", os.path.join(ROOT, "configs", "digits_ldm.py:runlocal"),
+        "--workdir", str(tmp_path), "--config.first_stage.source=identity",
+    ]
+    with WorkdirLock(tmp_path):  # another run holds the workdir
+        before = sorted(os.listdir(tmp_path))
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+        after = sorted(os.listdir(tmp_path))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("train.py: error: ") and str(os.getpid()) in lines[-1], lines[-1]
+    assert sum(line.startswith("train.py:") for line in lines) == 1
+    assert before == after  # nothing written beside the lock

@@ -169,9 +169,12 @@ def _train(
     abstract_state, shardings = state_shardings(task.init_params, tx, mesh, rules, config.seed)
 
     write_config_json(checkpointer.directory, config)
-    resumed_from = checkpointer.latest_step()
-    if resumed_from is not None:
-        state, metadata = checkpointer.restore(abstract_with_shardings(abstract_state, shardings), resumed_from)
+    # The newest checkpoint that verifies (checksums, finite params); damaged newer ones are
+    # reported in one line each and moved aside (ldm_jax.training.checkpoint_integrity).
+    restored = checkpointer.restore_latest_valid(abstract_with_shardings(abstract_state, shardings))
+    resumed_from = None if restored is None else restored.step
+    if restored is not None:
+        state, metadata = restored.state, restored.metadata
         position = int(metadata.get("data_position", resumed_from))
     else:
         state = create_sharded_state(task.init_params, tx, shardings, config.seed)
