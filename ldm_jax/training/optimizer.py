@@ -13,6 +13,8 @@ from typing import Any, Callable, Mapping
 import jax
 import optax
 
+from ldm_jax.training.defaults import OPTIMIZER_DEFAULTS
+
 Schedule = Callable[[Any], Any]
 
 SCHEDULES = ("cosine", "constant")
@@ -26,9 +28,10 @@ def make_lr_schedule(opt_config: Mapping[str, Any]) -> Schedule:
     included), constant afterwards. ``constant``: linear warmup, then ``learning_rate``
     (the LDM recipe).
     """
-    kind = opt_config.get("schedule", "cosine")
+    opt_config = {**OPTIMIZER_DEFAULTS, **dict(opt_config)}
+    kind = opt_config["schedule"]
     peak = float(opt_config["learning_rate"])
-    warmup = int(opt_config.get("warmup_steps", 0))
+    warmup = int(opt_config["warmup_steps"])
     if peak < 0:
         raise ValueError(f"config.optimizer.learning_rate must be >= 0, got {peak}")
     if warmup < 0:
@@ -44,7 +47,7 @@ def make_lr_schedule(opt_config: Mapping[str, Any]) -> Schedule:
             peak_value=peak,
             warmup_steps=warmup,
             decay_steps=decay_steps,
-            end_value=peak * float(opt_config.get("end_lr_ratio", 0.0)),
+            end_value=peak * float(opt_config["end_lr_ratio"]),
         )
     if kind == "constant":
         if warmup == 0:
@@ -67,22 +70,23 @@ def make_optimizer(opt_config: Mapping[str, Any]) -> tuple[optax.GradientTransfo
     ``grad_clip_norm`` <= 0 or None disables clipping. ``weight_decay_on`` is ``"all"`` (as
     diffusers' training scripts) or ``"matrices"`` (kernels/embeddings only).
     """
-    name = opt_config.get("name", "adamw")
+    opt_config = {**OPTIMIZER_DEFAULTS, **dict(opt_config)}
+    name = opt_config["name"]
     if name != "adamw":
         raise ValueError(f"unknown config.optimizer.name {name!r}; only 'adamw' is provided")
     schedule = make_lr_schedule(opt_config)
-    decay_on = opt_config.get("weight_decay_on", "all")
+    decay_on = opt_config["weight_decay_on"]
     if decay_on not in ("all", "matrices"):
         raise ValueError(f"config.optimizer.weight_decay_on must be 'all' or 'matrices', got {decay_on!r}")
     adamw = optax.adamw(
         schedule,
-        b1=float(opt_config.get("b1", 0.9)),
-        b2=float(opt_config.get("b2", 0.999)),
-        eps=float(opt_config.get("eps", 1e-8)),
-        weight_decay=float(opt_config.get("weight_decay", 0.0)),
+        b1=float(opt_config["b1"]),
+        b2=float(opt_config["b2"]),
+        eps=float(opt_config["eps"]),
+        weight_decay=float(opt_config["weight_decay"]),
         mask=_matrices_only if decay_on == "matrices" else None,
     )
-    clip = opt_config.get("grad_clip_norm", 1.0)
+    clip = opt_config["grad_clip_norm"]
     if clip is None or float(clip) <= 0:
         return adamw, schedule
     return optax.chain(optax.clip_by_global_norm(float(clip)), adamw), schedule

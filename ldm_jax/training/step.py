@@ -25,6 +25,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from ldm_jax.training import mesh as mesh_lib
+from ldm_jax.training.defaults import EMA_DEFAULTS
 from ldm_jax.training.train_state import TrainState
 
 LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]
@@ -161,6 +162,7 @@ def make_train_step(
     """``train_step`` with its static pieces bound: a pure ``(state, batch, key) -> (state,
     metrics)``. With ``mesh``/``state_shardings`` the microbatches and gradient accumulators
     are constrained to the batch/param shardings (FSDP then reduce-scatters gradients)."""
+    ema_config = {**EMA_DEFAULTS, **dict(ema_config)}
     num_microbatches = int(train_config.get("num_microbatches", 1))
     if num_microbatches < 1:
         raise ValueError(f"config.train.num_microbatches must be >= 1, got {num_microbatches}")
@@ -170,8 +172,8 @@ def make_train_step(
         tx=tx,
         lr_schedule=lr_schedule,
         num_microbatches=num_microbatches,
-        ema_decay=float(ema_config.get("decay", 0.9999)),
-        ema_warmup=bool(ema_config.get("warmup", True)),
+        ema_decay=float(ema_config["decay"]),
+        ema_warmup=bool(ema_config["warmup"]),
         microbatch_sharding=mesh_lib.batch_sharding(mesh) if mesh is not None else None,
         grad_shardings=state_shardings.params if state_shardings is not None else None,
         loss_takes_step=loss_takes_step,
