@@ -29,11 +29,10 @@ from ldm_jax.interop.lora_formats import module_name
 from ldm_jax.interop.torch_weights import (
     StateDict,
     WeightsError,
-    conv_from_flax,
     conv_to_flax,
-    linear_from_flax,
     linear_to_flax,
     load_state_dict,
+    params_to_state_dict,
     save_state_dict,
 )
 from ldm_jax.models.controlnet import ControlNet
@@ -87,24 +86,8 @@ def params_from_diffusers_state_dict(
 
 
 def params_to_diffusers_state_dict(controlnet: ControlNet, params, dtype=np.float32) -> dict[str, np.ndarray]:
-    params = nn.meta.unbox(params)
-    if set(params.keys()) == {"params"}:
-        params = params["params"]
-    expected = traverse_util.flatten_dict(abstract_params(controlnet))
-    flat = traverse_util.flatten_dict(params)
-    missing = sorted("/".join(p) for p in set(expected) - set(flat))
-    extra = sorted("/".join(p) for p in set(flat) - set(expected))
-    if missing or extra:
-        raise WeightsError(f"params do not match the ControlNet: missing {missing[:5]}, unexpected {extra[:5]}")
-    out = {}
-    for path, value in flat.items():
-        if tuple(value.shape) != tuple(expected[path].shape):
-            raise WeightsError(f"param {'/'.join(path)} has shape {value.shape}, model expects {expected[path].shape}")
-        value = np.asarray(jax.device_get(value), np.float32)
-        if path[-1] == "kernel":
-            value = conv_from_flax(value) if value.ndim == 4 else linear_from_flax(value)
-        out[torch_key(path)] = value.astype(dtype)
-    return out
+    """``controlnet``'s params as a diffusers ``ControlNetModel`` state dict in ``dtype``."""
+    return params_to_state_dict(params, abstract_params(controlnet), torch_key, dtype)
 
 
 def load_diffusers_controlnet(path, *, variant: str | None = None, **overrides) -> tuple[ControlNet, dict]:

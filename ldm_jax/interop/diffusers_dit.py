@@ -34,12 +34,10 @@ from flax import traverse_util
 
 from ldm_jax.interop.torch_weights import (
     StateDict,
-    WeightsError,
-    conv_from_flax,
     conv_to_flax,
-    linear_from_flax,
     linear_to_flax,
     load_state_dict,
+    params_to_state_dict,
     save_state_dict,
 )
 from ldm_jax.models.dit import DiT
@@ -114,26 +112,7 @@ def params_from_diffusers_state_dict(
 def params_to_diffusers_state_dict(model: Model, params, dtype=np.float32) -> dict[str, np.ndarray]:
     """``model``'s params (boxed or not, with or without the outer ``{"params": ...}``) as a
     diffusers state dict of NumPy arrays in ``dtype``."""
-    params = nn.meta.unbox(params)
-    if set(params.keys()) == {"params"}:
-        params = params["params"]
-    expected = traverse_util.flatten_dict(abstract_params(model))
-    flat = traverse_util.flatten_dict(params)
-    missing = sorted("/".join(p) for p in set(expected) - set(flat))
-    extra = sorted("/".join(p) for p in set(flat) - set(expected))
-    if missing or extra:
-        raise WeightsError(f"params do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
-    out = {}
-    for path, value in flat.items():
-        if tuple(value.shape) != tuple(expected[path].shape):
-            raise WeightsError(
-                f"param {'/'.join(path)} has shape {value.shape}, model expects {expected[path].shape}"
-            )
-        value = np.asarray(jax.device_get(value), dtype=np.float32)
-        if _is_kernel(path):
-            value = conv_from_flax(value) if value.ndim == 4 else linear_from_flax(value)
-        out[diffusers_key(path)] = value.astype(dtype)
-    return out
+    return params_to_state_dict(params, abstract_params(model), diffusers_key, dtype)
 
 
 def model_from_diffusers_config(config: Mapping[str, Any], **overrides) -> Model:

@@ -113,6 +113,35 @@ class StateDict:
             raise WeightsError(f"unexpected key {shown}{more} in {self.source}")
 
 
+def params_to_state_dict(params, abstract, torch_key, dtype=np.float32) -> dict[str, np.ndarray]:
+    """A Flax model's params (boxed or not; with or without the outer ``{"params": ...}``) as a
+    PyTorch-layout state dict of NumPy arrays in ``dtype``. ``abstract`` is the model's abstract
+    param tree (every leaf must be present with its shape, else WeightsError); ``torch_key(path)``
+    names each tensor; ``kernel`` leaves go back to torch's linear / conv layout."""
+    import jax  # local: the readers above need no JAX
+    from flax import linen as nn
+    from flax import traverse_util
+
+    params = nn.meta.unbox(params)
+    if set(params.keys()) == {"params"}:
+        params = params["params"]
+    expected = traverse_util.flatten_dict(abstract)
+    flat = traverse_util.flatten_dict(params)
+    missing = sorted("/".join(p) for p in set(expected) - set(flat))
+    extra = sorted("/".join(p) for p in set(flat) - set(expected))
+    if missing or extra:
+        raise WeightsError(f"params do not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    out = {}
+    for path, value in flat.items():
+        if tuple(value.shape) != tuple(expected[path].shape):
+            raise WeightsError(f"param {'/'.join(path)} has shape {value.shape}, model expects {expected[path].shape}")
+        value = np.asarray(jax.device_get(value), dtype=np.float32)
+        if path[-1] == "kernel":
+            value = conv_from_flax(value) if value.ndim == 4 else linear_from_flax(value)
+        out[torch_key(path)] = value.astype(dtype)
+    return out
+
+
 def linear_to_flax(weight: np.ndarray) -> np.ndarray:
     """torch ``nn.Linear`` weight [out, in] -> flax Dense kernel [in, out]."""
     return np.ascontiguousarray(weight.T)
