@@ -20,20 +20,16 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from ldm_jax.interop.diffusers_unet import CONFIG_NAME, WEIGHTS_NAME, _find_weights
 from ldm_jax.interop.lora_formats import module_name
 from ldm_jax.interop.torch_weights import (
     StateDict,
-    WeightsError,
-    conv_to_flax,
-    linear_to_flax,
     load_state_dict,
     params_to_state_dict,
     save_state_dict,
+    state_dict_to_params,
 )
 from ldm_jax.models.controlnet import ControlNet
 
@@ -47,15 +43,6 @@ def torch_key(path: tuple[str, ...]) -> str:
     return f"{module_name(path[:-1])}.{_LEAF_NAMES[path[-1]]}"
 
 
-def _torch_shape(path, shape) -> tuple[int, ...]:
-    if path[-1] == "kernel" and len(shape) == 4:
-        kh, kw, cin, cout = shape
-        return (cout, cin, kh, kw)
-    if path[-1] == "kernel" and len(shape) == 2:
-        return (shape[1], shape[0])
-    return tuple(shape)
-
-
 def abstract_params(controlnet: ControlNet) -> dict:
     boxed = jax.eval_shape(lambda: controlnet.init(jax.random.PRNGKey(0), **controlnet.dummy_inputs()))
     return nn.meta.unbox(boxed)["params"]
@@ -66,23 +53,7 @@ def params_from_diffusers_state_dict(
 ) -> dict:
     """A diffusers ``ControlNetModel`` state dict -> ``controlnet``'s (unboxed) params."""
     sd = state_dict if isinstance(state_dict, StateDict) else StateDict(state_dict, source=source)
-    out = {}
-    for path, leaf in traverse_util.flatten_dict(abstract_params(controlnet)).items():
-        key = torch_key(path)
-        expected = _torch_shape(path, leaf.shape)
-        if path[-1] == "kernel" and len(leaf.shape) == 4 and leaf.shape[:2] == (1, 1) and key in sd:
-            value = sd.take(key)  # a 1x1 conv may be stored as a Linear weight [out, in]
-            if tuple(value.shape) not in (expected, expected[:2]):
-                raise WeightsError(f"shape mismatch for key {key!r} in {sd.source}: checkpoint has "
-                                   f"{tuple(value.shape)}, model expects {expected}")
-        else:
-            value = sd.take(key, expected)
-        value = np.asarray(value, np.float32)
-        if path[-1] == "kernel":
-            value = conv_to_flax(value) if len(leaf.shape) == 4 else linear_to_flax(value)
-        out[path] = jnp.asarray(value, controlnet.param_dtype)
-    sd.finish()
-    return traverse_util.unflatten_dict(out)
+    return state_dict_to_params(sd, abstract_params(controlnet), torch_key, controlnet.param_dtype)
 
 
 def params_to_diffusers_state_dict(controlnet: ControlNet, params, dtype=np.float32) -> dict[str, np.ndarray]:

@@ -28,17 +28,14 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from ldm_jax.interop.torch_weights import (
     StateDict,
-    conv_to_flax,
-    linear_to_flax,
     load_state_dict,
     params_to_state_dict,
     save_state_dict,
+    state_dict_to_params,
 )
 from ldm_jax.models.dit import DiT
 from ldm_jax.models.pixart import PixArtDiT
@@ -73,19 +70,6 @@ def diffusers_key(path: tuple[str, ...]) -> str:
     return ".".join(parts)
 
 
-def _is_kernel(path) -> bool:
-    return path[-1] == "kernel"
-
-
-def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
-    if _is_kernel(path):
-        if len(shape) == 4:
-            kh, kw, cin, cout = shape
-            return (cout, cin, kh, kw)
-        return (shape[1], shape[0])
-    return tuple(shape)
-
-
 def abstract_params(model: Model) -> dict:
     """The unboxed param tree of ``model`` as ShapeDtypeStructs (nothing allocated)."""
     boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), **model.dummy_inputs()))
@@ -99,14 +83,8 @@ def params_from_diffusers_state_dict(
     ``model.param_dtype``. Every parameter must be found with its shape and every tensor used,
     else :class:`WeightsError` names the key."""
     sd = state_dict if isinstance(state_dict, StateDict) else StateDict(state_dict, source=source)
-    out = {}
-    for path, leaf in traverse_util.flatten_dict(abstract_params(model)).items():
-        value = np.asarray(sd.take(diffusers_key(path), _torch_shape(path, leaf.shape)), dtype=np.float32)
-        if _is_kernel(path):
-            value = conv_to_flax(value) if len(leaf.shape) == 4 else linear_to_flax(value)
-        out[path] = jnp.asarray(value, dtype=model.param_dtype)
-    sd.finish()
-    return traverse_util.unflatten_dict(out)
+    # DiT/PixArt have no 1x1 convs that checkpoints store as Linear weights.
+    return state_dict_to_params(sd, abstract_params(model), diffusers_key, model.param_dtype, linear_1x1=False)
 
 
 def params_to_diffusers_state_dict(model: Model, params, dtype=np.float32) -> dict[str, np.ndarray]:

@@ -25,18 +25,14 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
 from ldm_jax.interop.torch_weights import (
     StateDict,
-    WeightsError,
-    conv_to_flax,
-    linear_to_flax,
     load_state_dict,
     params_to_state_dict,
     save_state_dict,
+    state_dict_to_params,
 )
 from ldm_jax.models.unet import UNet
 
@@ -63,16 +59,6 @@ def diffusers_key(path: tuple[str, ...]) -> str:
     return ".".join(parts)
 
 
-def _torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
-    if path[-1] == "kernel":
-        if len(shape) == 4:
-            kh, kw, cin, cout = shape
-            return (cout, cin, kh, kw)
-        if len(shape) == 2:
-            return (shape[1], shape[0])
-    return tuple(shape)
-
-
 def abstract_params(unet: UNet) -> dict:
     """The unboxed param tree of ``unet`` as ShapeDtypeStructs (nothing allocated)."""
     boxed = jax.eval_shape(lambda: unet.init(jax.random.PRNGKey(0), **unet.dummy_inputs()))
@@ -89,28 +75,7 @@ def params_from_diffusers_state_dict(
     Returns the (unboxed) ``params`` collection.
     """
     sd = state_dict if isinstance(state_dict, StateDict) else StateDict(state_dict, source=source)
-    flat = traverse_util.flatten_dict(abstract_params(unet))
-    out = {}
-    for path, leaf in flat.items():
-        key = diffusers_key(path)
-        expected = _torch_shape(path, leaf.shape)
-        if path[-1] == "kernel" and len(leaf.shape) == 4 and leaf.shape[:2] == (1, 1) and key in sd:
-            # A 1x1 conv may be stored as a Linear weight [out, in] (conversions of SD 2.x
-            # checkpoints do this); accept both layouts.
-            value = sd.take(key)
-            if tuple(value.shape) not in (expected, expected[:2]):
-                raise WeightsError(
-                    f"shape mismatch for key {key!r} in {sd.source}: checkpoint has {tuple(value.shape)}, "
-                    f"model expects {expected}"
-                )
-        else:
-            value = sd.take(key, expected)
-        value = np.asarray(value, dtype=np.float32)
-        if path[-1] == "kernel":
-            value = conv_to_flax(value) if len(leaf.shape) == 4 else linear_to_flax(value)
-        out[path] = jnp.asarray(value, dtype=unet.param_dtype)
-    sd.finish()
-    return traverse_util.unflatten_dict(out)
+    return state_dict_to_params(sd, abstract_params(unet), diffusers_key, unet.param_dtype)
 
 
 def params_to_diffusers_state_dict(unet: UNet, params, dtype=np.float32) -> dict[str, np.ndarray]:

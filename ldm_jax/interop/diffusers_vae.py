@@ -38,6 +38,7 @@ from ldm_jax.interop.torch_weights import (
     linear_to_flax,
     load_state_dict,
     save_state_dict,
+    torch_shape,
 )
 from ldm_jax.models.autoencoder import AutoencoderKL, VQModel
 from ldm_jax.models.quantizer import EMA_COLLECTION
@@ -218,15 +219,6 @@ def _to_flax(path, value: np.ndarray) -> np.ndarray:
     return value
 
 
-def _torch_shape(path, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
-    if path[-1] == "kernel":
-        if len(flax_shape) == 4:
-            kh, kw, cin, cout = flax_shape
-            return (cout, cin, kh, kw)
-        return tuple(reversed(flax_shape))
-    return tuple(flax_shape)
-
-
 def _modernise_keys(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Rename pre-0.14 attention keys and squeeze 1x1-conv attention projections to Linear."""
     out = {}
@@ -264,7 +256,7 @@ def variables_from_state_dict(model, tensors: Mapping[str, np.ndarray], source: 
             if collection == EMA_COLLECTION and path[-1] != "embedding":
                 continue  # EMA statistics are not in diffusers checkpoints: set below
             spec = box.unbox()
-            value = state.take(torch_key(path), _torch_shape(path, spec.shape))
+            value = state.take(torch_key(path), torch_shape(path, spec.shape))
             values[path] = jnp.asarray(_to_flax(path, np.asarray(value, np.float32)), spec.dtype)
         if collection == EMA_COLLECTION:
             # fresh statistics consistent with the loaded codebook (N = 1, m = e)

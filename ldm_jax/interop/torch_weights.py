@@ -113,6 +113,45 @@ class StateDict:
             raise WeightsError(f"unexpected key {shown}{more} in {self.source}")
 
 
+def torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The PyTorch shape of a Flax leaf: conv kernels HWIO -> OIHW, dense kernels transposed."""
+    if path[-1] == "kernel":
+        if len(shape) == 4:
+            kh, kw, cin, cout = shape
+            return (cout, cin, kh, kw)
+        return tuple(reversed(shape))
+    return tuple(shape)
+
+
+def state_dict_to_params(sd: "StateDict", abstract, torch_key, param_dtype, *, linear_1x1: bool = True) -> dict:
+    """``abstract``'s (unboxed) params read from ``sd`` by ``torch_key(path)``, cast to
+    ``param_dtype``. Every leaf must be found with its torch shape and every tensor used
+    (``sd.finish()``), else WeightsError names the key. ``linear_1x1`` also accepts a 1x1 conv
+    stored as a Linear weight [out, in] (conversions of SD 2.x checkpoints do this)."""
+    import jax.numpy as jnp  # local: the readers above need no JAX
+    from flax import traverse_util
+
+    out = {}
+    for path, leaf in traverse_util.flatten_dict(abstract).items():
+        key = torch_key(path)
+        expected = torch_shape(path, leaf.shape)
+        if linear_1x1 and path[-1] == "kernel" and len(leaf.shape) == 4 and leaf.shape[:2] == (1, 1) and key in sd:
+            value = sd.take(key)
+            if tuple(value.shape) not in (expected, expected[:2]):
+                raise WeightsError(
+                    f"shape mismatch for key {key!r} in {sd.source}: checkpoint has {tuple(value.shape)}, "
+                    f"model expects {expected}"
+                )
+        else:
+            value = sd.take(key, expected)
+        value = np.asarray(value, dtype=np.float32)
+        if path[-1] == "kernel":
+            value = conv_to_flax(value) if len(leaf.shape) == 4 else linear_to_flax(value)
+        out[path] = jnp.asarray(value, dtype=param_dtype)
+    sd.finish()
+    return traverse_util.unflatten_dict(out)
+
+
 def params_to_state_dict(params, abstract, torch_key, dtype=np.float32) -> dict[str, np.ndarray]:
     """A Flax model's params (boxed or not; with or without the outer ``{"params": ...}``) as a
     PyTorch-layout state dict of NumPy arrays in ``dtype``. ``abstract`` is the model's abstract
