@@ -211,4 +211,8 @@ def main(argv):
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    app.run(lambda argv: sys.exit(main(argv)))
+    from ldm_jax.training.cli import absl_flags_parser
+
+    # Unknown or misspelled --config.<key> (nearest names given), a bad value, a missing or
+    # broken config file: one line and exit 2 before anything is imported or written.
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=absl_flags_parser("train.py"))

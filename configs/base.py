@@ -45,8 +45,19 @@ def is_local(arg: str | None) -> bool:
     return bool(parse_arg(arg) & set(LOCAL_ARGS))
 
 
+# Every ``build_dataset`` key of every source, so any dataset can be picked from the command
+# line (``--config.data.name=folder --config.data.path=/images``); None means the source's
+# default (``ldm_jax.data.build``).
+_SOURCE_KEYS = {
+    "num_threads": int, "data_dir": str, "image_key": str, "label_key": str, "caption_key": str,
+    "path": str, "folder_labels": bool, "folder_verify": bool,
+    "shapes_num_examples": int, "shapes_seed": int, "shapes_label_mode": str, "interpolation": str,
+}  # fmt: skip
+
+
 def data_config(name: str, resolution: int = 32, **extra: Any) -> ml_collections.ConfigDict:
-    """A ``config.data`` section; ``extra`` adds other ``build_dataset`` keys (data_dir, path, ...)."""
+    """A ``config.data`` section with every ``build_dataset`` key (unset ones None: the
+    source's default); ``extra`` sets some (data_dir, path, ...)."""
     d = ml_collections.ConfigDict()
     d.name = name
     d.resolution = resolution
@@ -54,6 +65,8 @@ def data_config(name: str, resolution: int = 32, **extra: Any) -> ml_collections
     d.split = "train"
     d.seed = 0
     d.shuffle = True
+    for key, kind in _SOURCE_KEYS.items():
+        d[key] = placeholder(kind)
     for key, value in extra.items():
         d[key] = value
     return d

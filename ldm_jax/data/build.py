@@ -1,6 +1,6 @@
 """Builds a source and a loader from the ``config.data`` section of an ml_collections config.
 
-Keys (all optional except as noted; plain dicts work too)::
+Keys (all optional except as noted, None meaning the default; plain dicts work too)::
 
     name                "digits" | "shapes" | "folder" | "tfds:<tfds name>"   (required)
     resolution          output side in pixels (default 32)
@@ -53,6 +53,7 @@ def build_dataset(config: Any) -> DataSource:
     unknown = sorted(set(cfg) - KNOWN_KEYS)
     if unknown:
         raise ValueError(f"unknown data config keys {unknown}; known keys: {sorted(KNOWN_KEYS)}")
+    cfg = {key: value for key, value in cfg.items() if value is not None}  # None: the default
     name = cfg.get("name")
     if not isinstance(name, str) or not name:
         raise ValueError(f"data.name must be one of {DATASET_NAMES}, got {name!r}")
@@ -115,7 +116,7 @@ def build_loader(
 ) -> DataLoader:
     """A :class:`DataLoader` over ``source`` (built from ``config`` if None) with the config's
     seed, shuffle and thread settings; process index/count default to JAX's."""
-    cfg = _as_dict(config)
+    cfg = {key: value for key, value in _as_dict(config).items() if value is not None}
     source = build_dataset(config) if source is None else source
     threaded = str(cfg.get("name", "")).startswith(("folder", "tfds:"))
     return DataLoader(

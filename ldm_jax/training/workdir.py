@@ -102,18 +102,7 @@ def restore_ema_params(workdir: str | os.PathLike, step: int | None = None) -> t
 
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
     """``get_config(arg)`` of an experiment config file given as ``path/to/name.py[:arg]``
-    (the same syntax as ``train.py --config``)."""
-    import importlib.util
-    import sys
+    (the same syntax as ``train.py --config``); one-line errors (``ldm_jax.training.cli``)."""
+    from ldm_jax.training.cli import load_config_file as load
 
-    path, _, arg = str(spec).partition(":")
-    path = os.path.abspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
-    root = os.path.dirname(os.path.dirname(path))  # so that `from configs import base` works
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    module_spec = importlib.util.spec_from_file_location(f"_ldm_jax_config_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
+    return load(spec)

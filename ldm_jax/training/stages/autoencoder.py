@@ -334,7 +334,7 @@ def held_out_data_config(data_config: Any) -> dict:
     if data.get("name") == "digits":
         data["split"] = "test"
     elif data.get("name") == "shapes":
-        data["shapes_seed"] = int(data.get("shapes_seed", 0)) + 1
+        data["shapes_seed"] = int(data.get("shapes_seed") or 0) + 1
         data["shapes_num_examples"] = 1024
     return data
 

@@ -115,10 +115,14 @@ class LatentCacheSource:
         return example
 
 
+def _set_keys(data: dict) -> dict:
+    return {k: v for k, v in data.items() if v is not None}
+
+
 def _cache_key(config: Any, model: DiffusionModel, num_examples: int) -> dict:
     return {
         "format": CACHE_FORMAT,
-        "data": data_dict(config),
+        "data": _set_keys(data_dict(config)),
         "first_stage": dict(model.first_stage.description),
         "num_examples": int(num_examples),
         "raw_shape": [model.latent_size, model.latent_size, model.first_stage.adapter.raw_channels],
@@ -136,6 +140,7 @@ def build_latent_cache(
     if os.path.isfile(info_path):
         with open(info_path) as f:
             found = json.load(f)
+        found = {**found, "data": _set_keys(found.get("data") or {})}  # unset (None) keys are defaults
         if {k: found.get(k) for k in key} == json.loads(json.dumps(key)):
             log.info("using the latent cache in %s (%d examples)", directory, len(source))
             return LatentCacheSource(directory)
