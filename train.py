@@ -63,6 +63,7 @@ def _run(config, workdir, extra_hooks, guard, stack):
     from ldm_jax.training.atomic_export import export_atomically, export_complete
     from ldm_jax.training.workdir import checkpoint_dir
     from ldm_jax.training.workdir_lock import WorkdirLockedError, lock_workdir
+    from ldm_jax.training.resume_guard import check_resume
 
     started = False
     workdir = os.path.abspath(workdir)
@@ -78,6 +79,9 @@ def _run(config, workdir, extra_hooks, guard, stack):
         os.makedirs(workdir, exist_ok=True)
         stack.enter_context(lock_workdir(workdir))
         resolved = run_context.config
+        # A resume that would change the run's identity refuses here, before the stage
+        # writes anything (latent cache) and before the loop records the config.
+        check_resume(checkpoint_dir(workdir), resolved)
         module = stage_module(resolved.stage)
         source = build_dataset(resolved.data)
         stats = dataset_stats(source, str(resolved.data.name))

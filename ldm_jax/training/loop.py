@@ -7,7 +7,8 @@ shardings), and runs the compiled step with periodic async checkpoints.
 Resumption is exact: the data position is the step (``batches(position, rows)`` must yield
 the same batches for the same position) and the step key is ``fold_in(base_key, step)``, so a
 run killed at any moment and restarted reproduces the uninterrupted run bit for bit on CPU.
-SIGTERM saves at the next step boundary and returns normally. A non-finite loss or
+SIGTERM saves at the next step boundary and returns normally. A resume whose config
+changes the run's identity refuses before anything is written (``resume_guard``). A non-finite loss or
 gradient stops the run with ``FloatingPointError`` without saving the bad state.
 
 Frozen models (a first-stage autoencoder, a CLIP text encoder) enter through
@@ -30,13 +31,14 @@ import jax
 import numpy as np
 
 from ldm_jax.training import mesh as mesh_lib
-from ldm_jax.training.checkpointing import Checkpointer, write_config_json
+from ldm_jax.training.checkpointing import Checkpointer
 from ldm_jax.data.loader import make_global_batch
 from ldm_jax.training.context import RunContext, start_run
 from ldm_jax.training.distributed import process_batch_rows
 from ldm_jax.training.mesh import place_frozen  # noqa: F401  (part of the loop's API)
 from ldm_jax.training.optimizer import make_optimizer
 from ldm_jax.training.preemption import PreemptionGuard
+from ldm_jax.training.resume_guard import check_resume, record_start
 from ldm_jax.training.step import LossFn, compile_train_step, make_train_step
 from ldm_jax.training.train_state import (
     InitParamsFn,
@@ -138,6 +140,9 @@ def train(
     """
     run = start_run(config) if run is None else run
     config = run.config
+    # A resume that would change the run's identity refuses before anything is written
+    # (the Checkpointer below already creates and cleans directories).
+    check_resume(checkpoint_dir, config)
     # Installed before the (possibly long) restore and compile, so a SIGTERM during start-up
     # still ends in a clean save-and-exit at the first step boundary.
     with (guard if guard is not None else PreemptionGuard()) as active_guard:
@@ -168,7 +173,8 @@ def _train(
     tx, lr_schedule = make_optimizer(config.optimizer)
     abstract_state, shardings = state_shardings(task.init_params, tx, mesh, rules, config.seed)
 
-    write_config_json(checkpointer.directory, config)
+    # config.json is written by the first start only; later starts append to its history.
+    record_start(checkpointer.directory, config, is_main=jax.process_index() == 0)
     # The newest checkpoint that verifies (checksums, finite params); damaged newer ones are
     # reported in one line each and moved aside (ldm_jax.training.checkpoint_integrity).
     restored = checkpointer.restore_latest_valid(abstract_with_shardings(abstract_state, shardings))

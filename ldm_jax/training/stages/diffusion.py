@@ -67,7 +67,8 @@ from ldm_jax.training.loop import Task
 from ldm_jax.training.stages.base import Stage
 from ldm_jax.training.stages.latents import FirstStageEncoder, build_latent_cache, data_dict, estimate_scale_factor
 from ldm_jax.training.stages.sections import diffusion_preview_defaults
-from ldm_jax.training.workdir import latest_metadata
+from ldm_jax.training.resume_guard import check_first_stage
+from ldm_jax.training.workdir import checkpoint_dir, latest_metadata
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,14 @@ def build_stage(config: Any, data_stats: Any, *, source: Any = None, run: Any = 
     if source is None and (fs.kind != "identity" or model.conditioner.kind in NEEDS_CAPTIONS):
         source = build_dataset(config.data)
 
+    fingerprint = None
+    if fs.kind != "identity":
+        fingerprint = params_fingerprint(fs.variables)
+        if config.get("workdir"):
+            # A resumed run keeps its first stage whatever cache_latents says (a resumed LDM
+            # on another autoencoder would mix two latent spaces); checked before the cache.
+            check_first_stage(checkpoint_dir(config.workdir), fingerprint)
+
     encoder = None
     data_source = None
     if fs.kind != "identity":
@@ -267,7 +276,7 @@ def build_stage(config: Any, data_stats: Any, *, source: Any = None, run: Any = 
         "first_stage": dict(fs.description),
     }
     if fs.kind != "identity":
-        metadata["first_stage_params_hash"] = params_fingerprint(fs.variables)
+        metadata["first_stage_params_hash"] = fingerprint
     return Stage(
         task=task,
         host_batch=host_batch,
