@@ -179,28 +179,41 @@ def _run(config, workdir, extra_hooks, guard, stack):
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        print(f"train.py: error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     if FLAGS.workdir is None:
         print("train.py: error: --workdir is required", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     if _CONFIG.value is None:
         print("train.py: error: --config is required (e.g. configs/digits_ldm.py)", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    return run_command(_CONFIG.value, FLAGS.workdir)
+
+
+def run_command(config, workdir: str) -> int:
+    """What ``main`` does once the flags are parsed: train, and turn every expected failure
+    into one ``train.py: ...`` line on stderr and an exit status (2 bad input, 3 stopped,
+    130 interrupted). Callable in-process (tests)."""
     logging.getLogger().setLevel(logging.INFO)
     # orbax reports every checkpoint step at INFO through absl; keep the run log readable.
     logging.getLogger("absl").setLevel(logging.WARNING)
     logging.getLogger("jax").setLevel(logging.WARNING)  # backend probing ("no TPU found")
+    from ldm_jax.data.folder import UnreadableDataError
     from ldm_jax.training.atomic_export import ExportError
+    from ldm_jax.training.cli import one_line
     from ldm_jax.training.preemption import PreemptionGuard
 
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        print(f"train.py: error: --workdir {workdir} is a file, not a directory", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
     guard = PreemptionGuard()  # SIGTERM and SIGINT: save at the next step boundary
     try:
-        result = run(_CONFIG.value, FLAGS.workdir, guard=guard)
-    except StartupError as error:
-        print(f"train.py: error: {error}", file=sys.stderr)
+        result = run(config, workdir, guard=guard)
+    except (StartupError, UnreadableDataError) as error:
+        print(f"train.py: error: {one_line(error)}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     except (FloatingPointError, ExportError) as error:
-        print(f"train.py: stopped: {error}", file=sys.stderr)
+        print(f"train.py: stopped: {one_line(error)}", file=sys.stderr)
         return EXIT_NON_FINITE
     except KeyboardInterrupt:
         print("train.py: interrupted again: stopped without saving (the last checkpoint is kept)", file=sys.stderr)

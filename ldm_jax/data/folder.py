@@ -35,6 +35,10 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 CAPTION_EXTENSION = ".txt"
 
 
+class UnreadableDataError(ValueError):
+    """Every image of a folder failed to decode (one line naming the folder)."""
+
+
 def _scan(root: str) -> tuple[list[str], set[str]]:
     """Sorted image paths and the set of caption paths below ``root`` (relative, '/'-separated)."""
     images, captions = [], set()
@@ -61,7 +65,8 @@ class ImageFolderSource:
       labels_from_subfolders: give each image the index of its top-level subfolder among the
         sorted subfolder names; every image must then be inside a subfolder.
       verify: open every file's header at construction to drop unreadable files up front
-        (cheap: headers only); decode failures are still handled lazily either way.
+        (cheap: headers only) and decode the first usable one, so a folder where nothing decodes
+        fails at construction; later decode failures are handled lazily either way.
       resample: Pillow filter for the resize ("bicubic", "lanczos", "bilinear", ...).
     """
 
@@ -119,6 +124,8 @@ class ImageFolderSource:
             self.class_names = None
             self._labels = None
             self.num_classes = None
+        if verify:
+            self[0]  # decodes images until one works: a folder of undecodable files fails here
 
     @property
     def num_skipped(self) -> int:
@@ -180,4 +187,4 @@ class ImageFolderSource:
             if self.has_captions:
                 example["caption"] = self._caption(candidate)
             return example
-        raise RuntimeError(f"every image under {self.root!r} failed to decode; see the warnings above")
+        raise UnreadableDataError(f"every image under {self.root!r} failed to decode; see the warnings above")

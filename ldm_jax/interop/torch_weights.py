@@ -19,6 +19,11 @@ class WeightsError(ValueError):
     """A checkpoint does not match the model: names the offending key."""
 
 
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Load a flat ``{name: array}`` dict from ``.safetensors`` or a torch ``.ckpt``/``.bin``/``.pt``.
 
@@ -31,16 +36,25 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         from safetensors import safe_open
 
         out = {}
-        with safe_open(path, framework="flax") as f:
-            for key in f.keys():
-                out[key] = np.asarray(f.get_tensor(key))
+        try:
+            with safe_open(path, framework="flax") as f:
+                for key in f.keys():
+                    out[key] = np.asarray(f.get_tensor(key))
+        except Exception as error:  # noqa: BLE001 - truncated/garbled: SafetensorError, OSError, ...
+            raise WeightsError(f"cannot read {path} (truncated or not a safetensors file?): "
+                               f"{type(error).__name__}: {_one_line(error)}") from None
         return out
     if path.endswith((".ckpt", ".bin", ".pt", ".pth")):
         try:
             import torch
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError(f"reading {path} needs torch; convert it to .safetensors instead") from e
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - UnpicklingError (refused object), EOFError, ...
+            raise WeightsError(f"cannot read {path} with torch.load(weights_only=True) (a pickle holding code "
+                               f"is refused; convert it to .safetensors): {type(error).__name__}: "
+                               f"{_one_line(error, 200)}") from None
         if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
             obj = obj["state_dict"]
         out = {}
