@@ -73,6 +73,19 @@ def _ae_config(**train):
     return c
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """The resumed run's programs are the first run's: compiled once."""
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    previous = [getattr(jax.config, name) for name in names]
+    for name, value in zip(names, (str(tmp_path_factory.mktemp("jax_cache")), 0.0, 0)):
+        jax.config.update(name, value)
+    yield
+    for name, value in zip(names, previous):
+        jax.config.update(name, value)
+
+
 @pytest.fixture(scope="module")
 def ae_run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("guard") / "ae"
