@@ -79,6 +79,11 @@ class Task:
     what ``loss_fn`` sees (e.g. images -> latents); it is jitted on its own with
     ``frozen_params`` as an argument and its key is ``fold_in(step key, PREPARE_STREAM)``, so a
     resumed run prepares the same batches.
+
+    ``init_model_state(key)``: the initial non-trainable model state (``TrainState.model_state``,
+    e.g. a VQ EMA codebook's statistics; ``key`` is the params' key). The loss is then called
+    as ``loss_fn(params, model_state, batch, key[, step]) -> (loss, (aux, new_model_state))``
+    (``ldm_jax.training.step``); the state is checkpointed and restored with the rest.
     """
 
     init_params: InitParamsFn
@@ -86,6 +91,7 @@ class Task:
     loss_takes_step: bool = False
     frozen_params: Any = None
     prepare_batch: Callable[[Any, Any, jax.Array], Any] | None = None
+    init_model_state: Callable[[jax.Array], Any] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +177,7 @@ def _train(
 ) -> TrainResult:
     config, mesh, rules = run.config, run.mesh, run.rules
     tx, lr_schedule = make_optimizer(config.optimizer)
-    abstract_state, shardings = state_shardings(task.init_params, tx, mesh, rules, config.seed)
+    abstract_state, shardings = state_shardings(task.init_params, tx, mesh, rules, config.seed, task.init_model_state)
 
     # config.json is written by the first start only; later starts append to its history.
     record_start(checkpointer.directory, config, is_main=jax.process_index() == 0)
@@ -183,7 +189,7 @@ def _train(
         state, metadata = restored.state, restored.metadata
         position = int(metadata.get("data_position", resumed_from))
     else:
-        state = create_sharded_state(task.init_params, tx, shardings, config.seed)
+        state = create_sharded_state(task.init_params, tx, shardings, config.seed, task.init_model_state)
         position = 0
     step = int(jax.device_get(state.step))
 

@@ -2,7 +2,9 @@
 
 The model enters only through ``loss_fn(params, batch, key) -> (loss, aux)``, where ``loss``
 is a float32 scalar averaged over the examples of ``batch`` and ``aux`` a dict of float32
-scalars averaged the same way. Everything else (microbatching, clipping, AdamW, EMA,
+scalars averaged the same way. A state with ``model_state`` (non-trainable state the model
+updates itself, e.g. a VQ EMA codebook) calls ``loss_fn(params, model_state, batch, key) ->
+(loss, (aux, new_model_state))`` instead. Everything else (microbatching, clipping, AdamW, EMA,
 non-finite guard, metrics) is here, written once.
 
 Gradient accumulation is a ``lax.scan`` over ``num_microbatches`` slices of the batch inside
@@ -85,37 +87,56 @@ def train_step(
     rate of this update), ``ema_decay`` and ``finite`` (1.0, or 0.0 when the loss or the
     gradient was NaN/inf, in which case the returned state is the input state unchanged).
     """
+    stateful = state.model_state is not None
     if loss_takes_step:
         # Losses with a schedule of their own (e.g. the discriminator starting at step N) see
         # the number of updates done so far, as a traced scalar.
         step_loss_fn = loss_fn
-        loss_fn = lambda params, batch, key: step_loss_fn(params, batch, key, state.step)  # noqa: E731
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        loss_fn = lambda *args: step_loss_fn(*args, state.step)  # noqa: E731
+    if stateful:
+        # loss_fn(params, model_state, batch, key) -> (loss, (aux, new model_state)); the
+        # model state is no gradient input and, with microbatches, is threaded through them
+        # in order (microbatch i + 1 sees the state microbatch i left).
+        core = jax.value_and_grad(loss_fn, has_aux=True)
+    else:
+        plain = jax.value_and_grad(loss_fn, has_aux=True)
 
+        def core(params, model_state, batch, key):
+            (loss, aux), grads = plain(params, batch, key)
+            return (loss, (aux, model_state)), grads
+
+    def grad_fn(params, model_state, batch, key):
+        (loss, (aux, model_state)), grads = core(params, model_state, batch, key)
+        return loss, aux, model_state, grads
+
+    model_state = state.model_state
     if num_microbatches == 1:
-        (loss, aux), grads = grad_fn(state.params, batch, key)
+        loss, aux, model_state, grads = grad_fn(state.params, model_state, batch, key)
     else:
         microbatches = split_microbatches(batch, num_microbatches)
 
         def accumulate(carry, inputs):
-            grad_sum, loss_sum, aux_sum = carry
+            grad_sum, loss_sum, aux_sum, model_state = carry
             index, microbatch = inputs
             microbatch = _constrain(microbatch, microbatch_sharding)
-            (loss, aux), grads = grad_fn(state.params, microbatch, jax.random.fold_in(key, index))
+            loss, aux, model_state, grads = grad_fn(
+                state.params, model_state, microbatch, jax.random.fold_in(key, index)
+            )
             grad_sum = _constrain(jax.tree.map(jnp.add, grad_sum, grads), grad_shardings)
             aux_sum = jax.tree.map(jnp.add, aux_sum, aux)
-            return (grad_sum, loss_sum + loss.astype(jnp.float32), aux_sum), None
+            return (grad_sum, loss_sum + loss.astype(jnp.float32), aux_sum, model_state), None
 
         # The aux structure comes from an abstract evaluation, so loss_fn stays free to return any dict.
         aux_shape = jax.eval_shape(
-            lambda: loss_fn(state.params, jax.tree.map(lambda x: x[0], microbatches), key)[1]
+            lambda: grad_fn(state.params, model_state, jax.tree.map(lambda x: x[0], microbatches), key)[1]
         )
         init = (
             _constrain(jax.tree.map(jnp.zeros_like, state.params), grad_shardings),
             jnp.zeros((), jnp.float32),
             jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), aux_shape),
+            model_state,
         )
-        (grad_sum, loss_sum, aux_sum), _ = jax.lax.scan(
+        (grad_sum, loss_sum, aux_sum, model_state), _ = jax.lax.scan(
             accumulate, init, (jnp.arange(num_microbatches), microbatches)
         )
         scale = 1.0 / num_microbatches
@@ -129,7 +150,9 @@ def train_step(
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay_at(state.step + 1, ema_decay, ema_warmup)
     ema_params = jax.tree.map(lambda e, p: e * decay + (1.0 - decay) * p, state.ema_params, params)
-    updated = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params)
+    updated = state.replace(
+        step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params, model_state=model_state
+    )
 
     # A NaN/inf update would poison params, Adam moments and EMA at once; keep the old state
     # and let the loop stop with the last good checkpoint intact.

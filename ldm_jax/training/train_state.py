@@ -31,19 +31,30 @@ InitParamsFn = Callable[[jax.Array], Any]
 class TrainState:
     """step: int32 [] (optimizer updates done); params, ema_params: float32 trees;
     opt_state: optax state; rng: uint32 key data of the run's base key (per-step keys are
-    ``fold_in(base, step)``, see ``step_key``)."""
+    ``fold_in(base, step)``, see ``step_key``); model_state: non-trainable model state that
+    the loss updates itself (e.g. a VQ EMA codebook's statistics), or None (no leaves: the
+    state, its checkpoints and their manifests are then exactly what they were without it)."""
 
     step: jax.Array
     params: Any
     opt_state: Any
     ema_params: Any
     rng: jax.Array
+    model_state: Any = None
 
 
-def _init_state(init_params: InitParamsFn, tx: optax.GradientTransformation, seed: int) -> TrainState:
+# key -> tree of arrays (the initial non-trainable model state), from the same key as the params.
+InitModelStateFn = Callable[[jax.Array], Any]
+
+
+def _init_state(
+    init_params: InitParamsFn, tx: optax.GradientTransformation, seed: int,
+    init_model_state: InitModelStateFn | None = None,
+) -> TrainState:
     base = jax.random.key(seed)
     params_key, run_key = jax.random.split(base)
     params = nn.unbox(init_params(params_key))
+    model_state = None if init_model_state is None else nn.unbox(init_model_state(params_key))
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -51,6 +62,7 @@ def _init_state(init_params: InitParamsFn, tx: optax.GradientTransformation, see
         # A real copy: ema_params and params are donated separately by the train step.
         ema_params=jax.tree.map(jnp.copy, params),
         rng=jax.random.key_data(run_key),
+        model_state=model_state,
     )
 
 
@@ -60,14 +72,15 @@ def state_shardings(
     mesh: Mesh,
     rules: mesh_lib.LogicalRules,
     seed: int = 0,
+    init_model_state: InitModelStateFn | None = None,
 ) -> tuple[TrainState, TrainState]:
     """``(abstract_state, shardings)``: ShapeDtypeStructs of the state and a TrainState of
     NamedShardings. Params and EMA follow the logical rules; optimizer-state copies of the
-    params get their param's sharding; scalars and the key are replicated."""
+    params get their param's sharding; scalars, the key and the model state are replicated."""
     boxed = jax.eval_shape(init_params, jax.random.key(seed))
     abstract_params = nn.unbox(boxed)
     p_shardings = mesh_lib.param_shardings(boxed, mesh, rules)
-    abstract_state = jax.eval_shape(functools.partial(_init_state, init_params, tx, seed))
+    abstract_state = jax.eval_shape(functools.partial(_init_state, init_params, tx, seed, init_model_state))
     replicated = mesh_lib.replicated(mesh)
     shardings = TrainState(
         step=replicated,
@@ -75,18 +88,20 @@ def state_shardings(
         opt_state=mesh_lib.mirror_param_shardings(abstract_state.opt_state, abstract_params, p_shardings, mesh),
         ema_params=p_shardings,
         rng=replicated,
+        model_state=jax.tree.map(lambda _: replicated, abstract_state.model_state),
     )
     return abstract_state, shardings
 
 
 def create_sharded_state(
-    init_params: InitParamsFn, tx: optax.GradientTransformation, shardings: TrainState, seed: int
+    init_params: InitParamsFn, tx: optax.GradientTransformation, shardings: TrainState, seed: int,
+    init_model_state: InitModelStateFn | None = None,
 ) -> TrainState:
     """The initial state, computed in place on the devices with ``shardings``.
 
     ``seed`` is a Python int baked into the program, so every process of a multi-host run
     builds the same state without exchanging host data."""
-    init = jax.jit(functools.partial(_init_state, init_params, tx, seed), out_shardings=shardings)
+    init = jax.jit(functools.partial(_init_state, init_params, tx, seed, init_model_state), out_shardings=shardings)
     return init()
 
 
