@@ -47,9 +47,10 @@ def is_local(arg: str | None) -> bool:
 
 # Every ``build_dataset`` key of every source, so any dataset can be picked from the command
 # line (``--config.data.name=folder --config.data.path=/images``); None means the source's
-# default (``ldm_jax.data.build``).
+# default (``ldm_jax.data.build``). Not ``label_key``: None there means "no labels", its
+# default is "auto" (pass it as an extra key to change it).
 _SOURCE_KEYS = {
-    "num_threads": int, "data_dir": str, "image_key": str, "label_key": str, "caption_key": str,
+    "num_threads": int, "data_dir": str, "image_key": str, "caption_key": str,
     "path": str, "folder_labels": bool, "folder_verify": bool,
     "shapes_num_examples": int, "shapes_seed": int, "shapes_label_mode": str, "interpolation": str,
 }  # fmt: skip

@@ -53,7 +53,8 @@ def build_dataset(config: Any) -> DataSource:
     unknown = sorted(set(cfg) - KNOWN_KEYS)
     if unknown:
         raise ValueError(f"unknown data config keys {unknown}; known keys: {sorted(KNOWN_KEYS)}")
-    cfg = {key: value for key, value in cfg.items() if value is not None}  # None: the default
+    # None: the default; except label_key, where None means "no labels" (its default is "auto")
+    cfg = {key: value for key, value in cfg.items() if value is not None or key == "label_key"}
     name = cfg.get("name")
     if not isinstance(name, str) or not name:
         raise ValueError(f"data.name must be one of {DATASET_NAMES}, got {name!r}")

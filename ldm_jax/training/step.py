@@ -2,8 +2,8 @@
 
 The model enters only through ``loss_fn(params, batch, key) -> (loss, aux)``, where ``loss``
 is a float32 scalar averaged over the examples of ``batch`` and ``aux`` a dict of float32
-scalars averaged the same way. A state with ``model_state`` (non-trainable state the model
-updates itself, e.g. a VQ EMA codebook) calls ``loss_fn(params, model_state, batch, key) ->
+scalars averaged the same way. A ``StatefulTrainState`` (with ``model_state``: non-trainable state the
+model updates itself, e.g. a VQ EMA codebook) calls ``loss_fn(params, model_state, batch, key) ->
 (loss, (aux, new_model_state))`` instead. Everything else (microbatching, clipping, AdamW, EMA,
 non-finite guard, metrics) is here, written once.
 
@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from ldm_jax.training import mesh as mesh_lib
 from ldm_jax.training.defaults import EMA_DEFAULTS
-from ldm_jax.training.train_state import TrainState
+from ldm_jax.training.train_state import TrainState, model_state_of
 
 LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, Mapping[str, jax.Array]]]
 StepFn = Callable[[TrainState, Any, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
@@ -87,7 +87,7 @@ def train_step(
     rate of this update), ``ema_decay`` and ``finite`` (1.0, or 0.0 when the loss or the
     gradient was NaN/inf, in which case the returned state is the input state unchanged).
     """
-    stateful = state.model_state is not None
+    stateful = model_state_of(state) is not None
     if loss_takes_step:
         # Losses with a schedule of their own (e.g. the discriminator starting at step N) see
         # the number of updates done so far, as a traced scalar.
@@ -109,7 +109,7 @@ def train_step(
         (loss, (aux, model_state)), grads = core(params, model_state, batch, key)
         return loss, aux, model_state, grads
 
-    model_state = state.model_state
+    model_state = model_state_of(state)
     if num_microbatches == 1:
         loss, aux, model_state, grads = grad_fn(state.params, model_state, batch, key)
     else:
@@ -150,9 +150,9 @@ def train_step(
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay_at(state.step + 1, ema_decay, ema_warmup)
     ema_params = jax.tree.map(lambda e, p: e * decay + (1.0 - decay) * p, state.ema_params, params)
-    updated = state.replace(
-        step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params, model_state=model_state
-    )
+    updated = state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema_params)
+    if stateful:
+        updated = updated.replace(model_state=model_state)
 
     # A NaN/inf update would poison params, Adam moments and EMA at once; keep the old state
     # and let the loop stop with the last good checkpoint intact.

@@ -31,16 +31,28 @@ InitParamsFn = Callable[[jax.Array], Any]
 class TrainState:
     """step: int32 [] (optimizer updates done); params, ema_params: float32 trees;
     opt_state: optax state; rng: uint32 key data of the run's base key (per-step keys are
-    ``fold_in(base, step)``, see ``step_key``); model_state: non-trainable model state that
-    the loss updates itself (e.g. a VQ EMA codebook's statistics), or None (no leaves: the
-    state, its checkpoints and their manifests are then exactly what they were without it)."""
+    ``fold_in(base, step)``, see ``step_key``). Tasks with non-trainable model state get a
+    :class:`StatefulTrainState`."""
 
     step: jax.Array
     params: Any
     opt_state: Any
     ema_params: Any
     rng: jax.Array
-    model_state: Any = None
+
+
+@flax.struct.dataclass
+class StatefulTrainState(TrainState):
+    """A TrainState plus ``model_state``: non-trainable state the loss updates itself (e.g. a VQ
+    EMA codebook's statistics). A separate class, so the state of every other task (its tree,
+    checkpoints and manifests) stays exactly what it was."""
+
+    model_state: Any
+
+
+def model_state_of(state: TrainState) -> Any:
+    """``state.model_state``, or None for a plain TrainState."""
+    return getattr(state, "model_state", None)
 
 
 # key -> tree of arrays (the initial non-trainable model state), from the same key as the params.
@@ -54,15 +66,17 @@ def _init_state(
     base = jax.random.key(seed)
     params_key, run_key = jax.random.split(base)
     params = nn.unbox(init_params(params_key))
-    model_state = None if init_model_state is None else nn.unbox(init_model_state(params_key))
-    return TrainState(
+    fields = {}
+    if init_model_state is not None:
+        fields["model_state"] = nn.unbox(init_model_state(params_key))
+    return (TrainState if init_model_state is None else StatefulTrainState)(
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=tx.init(params),
         # A real copy: ema_params and params are donated separately by the train step.
         ema_params=jax.tree.map(jnp.copy, params),
         rng=jax.random.key_data(run_key),
-        model_state=model_state,
+        **fields,
     )
 
 
@@ -82,13 +96,16 @@ def state_shardings(
     p_shardings = mesh_lib.param_shardings(boxed, mesh, rules)
     abstract_state = jax.eval_shape(functools.partial(_init_state, init_params, tx, seed, init_model_state))
     replicated = mesh_lib.replicated(mesh)
-    shardings = TrainState(
+    fields = {}
+    if init_model_state is not None:
+        fields["model_state"] = jax.tree.map(lambda _: replicated, abstract_state.model_state)
+    shardings = type(abstract_state)(
         step=replicated,
         params=p_shardings,
         opt_state=mesh_lib.mirror_param_shardings(abstract_state.opt_state, abstract_params, p_shardings, mesh),
         ema_params=p_shardings,
         rng=replicated,
-        model_state=jax.tree.map(lambda _: replicated, abstract_state.model_state),
+        **fields,
     )
     return abstract_state, shardings
 
