@@ -41,6 +41,13 @@ class StartupError(Exception):
     """A bad config or missing input found before the first training step (one-line message)."""
 
 
+def _model_params(state):
+    """What previews and exports see: the EMA params, plus the non-trainable model state
+    (e.g. ``vq_ema``, the EMA codebook) when the task has one."""
+    model_state = getattr(state, "model_state", None)
+    return state.ema_params if model_state is None else {**state.ema_params, **model_state}
+
+
 def run(config, workdir: str, extra_hooks=(), guard=None):
     """Train ``config`` in ``workdir`` (resuming if it holds checkpoints). Returns the loop's
     ``TrainResult``. Raises StartupError (one-line message) for anything wrong before the first
@@ -116,7 +123,7 @@ def _run(config, workdir, extra_hooks, guard, stack):
             seed = int(preview_config.get("seed", 0))
 
             def write_preview(step, state):
-                images = stage.preview(state.ema_params, jax.random.PRNGKey(seed))
+                images = stage.preview(_model_params(state), jax.random.PRNGKey(seed))
                 path = logger.write_grid(step, np.asarray(images), "samples", columns)
                 if path:
                     log.info("wrote preview %s", path)
@@ -164,7 +171,7 @@ def _run(config, workdir, extra_hooks, guard, stack):
     # this step), e.g. after a kill during a previous export.
     fresh = not export_complete(export_dir, step=num_steps)
     if stage.export is not None and export_config.get("enabled", True) and finished and fresh:
-        ema = result.state.ema_params
+        ema = _model_params(result.state)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 

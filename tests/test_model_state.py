@@ -16,6 +16,19 @@ from ldm_jax.training.loop import Task, train
 DIM, BATCH = 4, 16
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """The resumed runs' programs are the first run's: compiled once."""
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    previous = [getattr(jax.config, name) for name in names]
+    for name, value in zip(names, (str(tmp_path_factory.mktemp("jax_cache")), 0.0, 0)):
+        jax.config.update(name, value)
+    yield
+    for name, value in zip(names, previous):
+        jax.config.update(name, value)
+
+
 def _batch(position):
     rng = np.random.default_rng(1000 + position)
     x = rng.standard_normal((BATCH, DIM)).astype(np.float32)
@@ -82,3 +95,66 @@ def test_model_state_resumes_bit_identically(tmp_path):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
     assert float(b[0]["count"]) == 4.0
+
+
+def _vq_ema_config(num_steps):
+    import ml_collections
+
+    from ldm_jax.training.stages import autoencoder as A
+
+    c = _config(num_steps)
+    c.data = ml_collections.ConfigDict({"name": "digits", "resolution": 8, "channels": 1})
+    c.autoencoder = A.autoencoder_defaults()
+    c.autoencoder.update(kind="vq", vq_use_ema=True, block_out_channels=(8,), norm_num_groups=4,
+                         layers_per_block=1, latent_channels=2, mid_block_add_attention=False, num_vq_embeddings=16)
+    c.loss = A.loss_defaults()
+    c.loss.disc_weight = 0.0
+    c.preview = ml_collections.ConfigDict({"num_images": 0})
+    return c
+
+
+def test_vq_ema_codebook_trains_in_the_shared_loop_resumes_bit_identically_and_is_exported(tmp_path):
+    from ldm_jax.data import build_dataset, build_loader, dataset_stats
+    from ldm_jax.interop.diffusers_vae import load_diffusers_vq_model
+    from ldm_jax.training.stages import autoencoder as A
+
+    def run(num_steps, directory):
+        config = _vq_ema_config(num_steps)
+        source = build_dataset(config.data)
+        stage = A.build_stage(config, dataset_stats(source))
+        loader = build_loader(config.data, BATCH, source=source)
+
+        def batches(position, rows):
+            with loader.iterate(start_step=position) as iterator:
+                for batch in iterator:
+                    yield stage.host_batch(batch)
+
+        return stage, train(config, stage.task, batches, directory, on_metrics=lambda *a: None)
+
+    stage, straight = run(4, tmp_path / "straight")
+    run(2, tmp_path / "resumed")
+    _, resumed = run(4, tmp_path / "resumed")
+    assert resumed.resumed_from == 2
+    a, b = jax.device_get((straight.state.model_state, resumed.state.model_state))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    codebook = a["vq_ema"]["quantize"]["embedding"]
+    initial = jax.device_get(nn_unbox(stage_init_codebook(stage)))
+    assert not np.allclose(codebook, initial)  # the EMA update moved it
+    assert "embedding" not in straight.state.params["autoencoder"].get("quantize", {})  # not a gradient param
+
+    # The export carries the live codebook (what the decoder of a diffusion stage will use).
+    params = {**jax.device_get(straight.state.ema_params), **a}
+    stage.export(params, str(tmp_path / "export"))
+    _, variables = load_diffusers_vq_model(str(tmp_path / "export"))
+    np.testing.assert_array_equal(np.asarray(variables["params"]["quantize"]["embedding"]), codebook)
+
+
+def nn_unbox(tree):
+    import flax.linen as nn
+
+    return nn.meta.unbox(tree)
+
+
+def stage_init_codebook(stage):
+    return stage.task.init_model_state(jax.random.split(jax.random.key(0))[0])["vq_ema"]["quantize"]["embedding"]

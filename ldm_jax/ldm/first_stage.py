@@ -222,10 +222,13 @@ def adapter_for(module: Any) -> FirstStage:
 # ----------------------------------------------------------------------------- building and loading
 
 
-def build_autoencoder(ae: Any, channels: int):
+def build_autoencoder(ae: Any, channels: int, allow_vq_ema: bool = False):
     """The ``AutoencoderKL`` / ``VQModel`` of a completed ``config.autoencoder`` section for
     ``channels``-channel images (``scale_factor`` is the placeholder 1.0). Raises ValueError
-    for unknown kinds/dtypes, widths not divisible by the group count, ``vq_use_ema=True``."""
+    for unknown kinds/dtypes, widths not divisible by the group count, and ``vq_use_ema=True``
+    unless ``allow_vq_ema`` (the autoencoder training stage, which keeps the EMA codebook in
+    the train state's ``model_state``; a run's checkpoints hold it there, not in its EMA params,
+    so a trained run is loaded from its export)."""
     kind = choice("config.autoencoder.kind", ae.kind, AUTOENCODER_KINDS)
     common = dict(
         in_channels=channels,
@@ -246,12 +249,13 @@ def build_autoencoder(ae: Any, channels: int):
             )
     if kind == "kl":
         return AutoencoderKL(**common)
-    if ae.vq_use_ema:
+    if ae.vq_use_ema and not allow_vq_ema:
         raise ValueError(
-            "config.autoencoder.vq_use_ema=True is not supported: the shared training loop carries no mutable "
-            "collections for the EMA codebook statistics; use vq_use_ema=False (gradient-trained codebook)"
+            "an autoencoder trained with config.autoencoder.vq_use_ema=True keeps its codebook outside the EMA "
+            "params: load its export (first_stage.source='diffusers', first_stage.path=<its workdir>/model)"
         )
     return VQModel(
+        use_ema=bool(ae.vq_use_ema),
         num_vq_embeddings=int(ae.num_vq_embeddings),
         vq_embed_dim=int(ae.vq_embed_dim) or None,
         beta=float(ae.vq_beta),

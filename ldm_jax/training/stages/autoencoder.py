@@ -50,9 +50,13 @@ discriminator at all (same value and gradients as the factor-0 formula, without 
 
 VQ with an EMA codebook
 -----------------------
-The EMA codebook statistics live in a mutable ``vq_ema`` collection; the shared loop carries
-only ``params`` (plus optimizer state and their EMA), so ``autoencoder.vq_use_ema=True`` is
-rejected: VQ models train their codebook by gradient (``codebook_loss + beta * commitment``).
+With ``autoencoder.vq_use_ema=True`` the codebook and its statistics are the mutable ``vq_ema``
+collection, not params: the task gives the loop ``init_model_state`` and the loss updates
+``TrainState.model_state = {"vq_ema": ...}`` at every (micro)batch (no gradient reaches the
+codebook; the loss is ``beta * commitment``). Previews and the export read the live codebook
+(``params["vq_ema"]``, merged in by ``train.py``); the EMA of the params does not cover it (it
+already is an EMA). Otherwise VQ models train their codebook by gradient
+(``codebook_loss + beta * commitment``).
 
 Export (the first stage of the diffusion stage)
 -----------------------------------------------
@@ -173,6 +177,20 @@ class AutoencoderStageParts:
     def kind(self) -> str:
         return "kl" if isinstance(self.model, AutoencoderKL) else "vq"
 
+    @property
+    def stateful(self) -> bool:
+        """VQ with the EMA codebook: the loss carries ``model_state = {"vq_ema": ...}``."""
+        return self.kind == "vq" and bool(getattr(self.model, "use_ema", False))
+
+    def init_model_state(self, key):
+        """``{"vq_ema": ...}`` of the same init as :meth:`init_params` (same key)."""
+        ae_key, _ = jax.random.split(key)
+        image = jnp.zeros((1, self.resolution, self.resolution, self.channels), jnp.float32)
+        return {"vq_ema": self.model.init(ae_key, image)["vq_ema"]}
+
+    def _variables(self, ae_params, vq_ema=None):
+        return {"params": ae_params} if vq_ema is None else {"params": ae_params, "vq_ema": vq_ema}
+
     # -- params
 
     def init_params(self, key):
@@ -188,30 +206,37 @@ class AutoencoderStageParts:
 
     # -- forward pieces
 
-    def encode_decode_last(self, ae_params, images, key):
-        """Images -> (decoder ``conv_out`` input, regulariser loss, extra metrics).
+    def encode_decode_last(self, ae_params, images, key, vq_ema=None):
+        """Images -> (decoder ``conv_out`` input, regulariser loss, extra metrics, new vq_ema).
 
         KL: decodes a posterior sample (``key``), regulariser = batch mean of KL(q || N(0, I)).
-        VQ: decodes the straight-through quantised latents, regulariser = the quantiser loss.
+        VQ: decodes the straight-through quantised latents, regulariser = the quantiser loss;
+        with the EMA codebook (``vq_ema`` given) the codebook update of this batch is returned.
         """
-        variables = {"params": ae_params}
+        variables = self._variables(ae_params, vq_ema)
         if self.kind == "kl":
             h, posterior = self.model.apply(variables, images, key, return_last_layer_input=True)
             kl = jnp.mean(posterior.kl())
             extra = {"posterior_std": jnp.mean(posterior.std), "latent_abs_mean": jnp.mean(jnp.abs(posterior.mean))}
-            return h, kl, extra
-        h, q = self.model.apply(variables, images, return_last_layer_input=True)
+            return h, kl, extra, None
+        if vq_ema is not None:
+            (h, q), mutated = self.model.apply(
+                variables, images, update_ema=True, return_last_layer_input=True, mutable=["vq_ema"]
+            )
+            vq_ema = mutated["vq_ema"]
+        else:
+            h, q = self.model.apply(variables, images, return_last_layer_input=True)
         extra = {
             "codebook_loss": q.codebook_loss,
             "commitment_loss": q.commitment_loss,
             "perplexity": q.perplexity,
             "codebook_usage": q.codebook_usage,
         }
-        return h, q.loss, extra
+        return h, q.loss, extra, vq_ema
 
-    def reconstruct(self, ae_params, images):
+    def reconstruct(self, ae_params, images, vq_ema=None):
         """Deterministic reconstruction (KL: posterior mean; VQ: quantised). [B,H,W,C] -> same, float32."""
-        rec, _ = self.model.apply({"params": ae_params}, images)
+        rec, _ = self.model.apply(self._variables(ae_params, vq_ema), images)
         return rec.astype(jnp.float32)
 
     def discriminate(self, disc_params, images):
@@ -219,10 +244,10 @@ class AutoencoderStageParts:
 
     # -- losses
 
-    def generator_objective(self, params, images, key, step, disc_params):
-        """``L_gen`` of taming / LDM: (loss, metrics, reconstructions). ``disc_params`` None =
-        no discriminator pass (valid only while the GAN factor is 0)."""
-        h, reg, extra = self.encode_decode_last(params["autoencoder"], images, key)
+    def generator_objective(self, params, images, key, step, disc_params, vq_ema=None):
+        """``L_gen`` of taming / LDM: (loss, metrics, reconstructions, new vq_ema).
+        ``disc_params`` None = no discriminator pass (valid only while the GAN factor is 0)."""
+        h, reg, extra, vq_ema = self.encode_decode_last(params["autoencoder"], images, key, vq_ema)
         cfg = self.loss_config
         if disc_params is None:
             # With factor 0 the GAN term is 0 * d_weight * g_loss = 0 whatever D says: the
@@ -250,7 +275,7 @@ class AutoencoderStageParts:
         if disc_params is None:
             metrics["d_weight"] = jnp.zeros((), jnp.float32)
         metrics.update(extra)
-        return loss, metrics, reconstructions
+        return loss, metrics, reconstructions, vq_ema
 
     def discriminator_objective(self, disc_params, images, reconstructions, step):
         """``L_disc`` on real images and (gradient-stopped) reconstructions: (loss, metrics)."""
@@ -261,24 +286,33 @@ class AutoencoderStageParts:
 
     def stage_loss(self, params, batch, key, step):
         """``L_gen(ae, logvar; sg[disc]) + L_disc(disc; sg[x^])`` and the metrics of both."""
+        loss, (metrics, _) = self._stage_loss(params, None, batch, key, step)
+        return loss, metrics
+
+    def stateful_stage_loss(self, params, model_state, batch, key, step):
+        """:meth:`stage_loss` with the EMA codebook: ``(loss, (metrics, new model_state))``."""
+        loss, (metrics, vq_ema) = self._stage_loss(params, model_state["vq_ema"], batch, key, step)
+        return loss, (metrics, {"vq_ema": vq_ema})
+
+    def _stage_loss(self, params, vq_ema, batch, key, step):
         images = batch["image"]
 
         if self.discriminator is None:
-            loss, metrics, _ = self.generator_objective(params, images, key, step, None)
-            return loss, metrics
+            loss, metrics, _, vq_ema = self.generator_objective(params, images, key, step, None, vq_ema)
+            return loss, (metrics, vq_ema)
 
         def with_gan(params):
-            g_loss, g_metrics, rec = self.generator_objective(
-                params, images, key, step, jax.lax.stop_gradient(params["discriminator"])
+            g_loss, g_metrics, rec, new_ema = self.generator_objective(
+                params, images, key, step, jax.lax.stop_gradient(params["discriminator"]), vq_ema
             )
             d_loss, d_metrics = self.discriminator_objective(params["discriminator"], images, rec, step)
-            return g_loss + d_loss, {**g_metrics, **d_metrics}
+            return g_loss + d_loss, ({**g_metrics, **d_metrics}, new_ema)
 
         def without_gan(params):
-            g_loss, g_metrics, _ = self.generator_objective(params, images, key, step, None)
+            g_loss, g_metrics, _, new_ema = self.generator_objective(params, images, key, step, None, vq_ema)
             zero = jnp.zeros((), jnp.float32)
             # the discriminator is not used here, so its gradient is exactly 0
-            return g_loss, {**g_metrics, "d_loss": zero, "logits_real": zero, "logits_fake": zero}
+            return g_loss, ({**g_metrics, "d_loss": zero, "logits_real": zero, "logits_fake": zero}, new_ema)
 
         return jax.lax.cond(jnp.asarray(step) >= self.loss_config.disc_start, with_gan, without_gan, params)
 
@@ -287,7 +321,7 @@ def build_parts(config: Any, channels: int, resolution: int) -> AutoencoderStage
     """The stage's modules and loss settings from ``config.autoencoder`` / ``config.loss``."""
     ae = autoencoder_config(config.get("autoencoder"))
     loss = loss_config(config.get("loss"))
-    model = build_autoencoder(ae, channels)
+    model = build_autoencoder(ae, channels, allow_vq_ema=True)
     if resolution % model.downsample_factor:
         raise ValueError(
             f"data resolution {resolution} is not divisible by the autoencoder's downsampling factor "
@@ -351,7 +385,7 @@ def make_preview(parts: AutoencoderStageParts, images: np.ndarray):
 
     def preview(params, key=None):
         del key  # deterministic: posterior mean / quantised latents
-        rec = to_uint8(jax.device_get(reconstruct(params["autoencoder"], jnp.asarray(images))))
+        rec = to_uint8(jax.device_get(reconstruct(params["autoencoder"], jnp.asarray(images), params.get("vq_ema"))))
         return np.concatenate([originals, rec], axis=2)
 
     return preview
@@ -364,7 +398,8 @@ def export_autoencoder(parts: AutoencoderStageParts, params: Mapping[str, Any], 
     if parts.kind == "kl":
         save_diffusers_autoencoder_kl(parts.model, ae_params, directory, sample_size=parts.resolution)
     else:
-        save_diffusers_vq_model(parts.model, {"params": ae_params}, directory, sample_size=parts.resolution)
+        variables = parts._variables(ae_params, None if params.get("vq_ema") is None else jax.device_get(params["vq_ema"]))
+        save_diffusers_vq_model(parts.model, variables, directory, sample_size=parts.resolution)
     info = {
         "kind": parts.kind,
         "latent_channels": int(parts.model.embed_dim if parts.kind == "vq" else parts.model.latent_channels),
@@ -392,7 +427,11 @@ def build_stage(config: Any, data_stats: Any, *, source: Any = None, run: Any = 
     def host_batch(batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
         return {"image": np.asarray(batch["image"], np.float32)}
 
-    task = Task(init_params=parts.init_params, loss_fn=parts.stage_loss, loss_takes_step=True)
+    if parts.stateful:
+        task = Task(init_params=parts.init_params, loss_fn=parts.stateful_stage_loss, loss_takes_step=True,
+                    init_model_state=parts.init_model_state)
+    else:
+        task = Task(init_params=parts.init_params, loss_fn=parts.stage_loss, loss_takes_step=True)
 
     preview = None
     num_preview = int((config.get("preview") or {}).get("num_images", 8))
