@@ -62,7 +62,7 @@ def conv_shapes(name: str, batch: int | None = None) -> list[tuple[tuple, int]]:
     """[(x shape, w shape, strides, padding), count] for every conv of one U-Net forward."""
     cfg = CONFIGS[name]()
     batch = batch or cfg.batch
-    unet = UNet(**cfg.unet)
+    unet = UNet(**{**cfg.unet, "conv_impl": "xla"})  # every conv a conv_general_dilated in the jaxpr
     data = random_batch(cfg, batch)
     params = jax.eval_shape(lambda k: unet.init(k, **unet.dummy_inputs())["params"], jax.random.key(0))
 
