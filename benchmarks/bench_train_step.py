@@ -79,6 +79,10 @@ EMA = {"decay": 0.9999, "warmup": True}
 # Issue #8's targets for ours/torch (images/s ratio, float32, idle machine); stretch 1.5 on both.
 TARGETS = {"small": 1.2, "large": 1.0}
 NUM_TIMESTEPS = 1000
+# Our U-Nets' conv formulation (ldm_jax.kernels.conv): "auto" runs the tiny-map and 1x1 convs as
+# GEMMs on CPU, where XLA's conv emitter is slowest (benchmarks/results/conv_cpu.md); a module-only
+# attribute, so both sides still train the same network. --conv-impl xla gives the lax.conv step.
+CONV_IMPL = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +131,7 @@ def demo_config() -> BenchConfig:
             norm_num_groups=u.norm_num_groups,
             resnet_time_scale_shift=u.resnet_time_scale_shift,
             num_classes=10,  # the digits
+            conv_impl=CONV_IMPL,
         ),
         latent_size=latent_size,
         batch=int(ldm.train.global_batch_size),
@@ -153,6 +158,7 @@ CONFIGS = {
             norm_num_groups=32,
             cross_attention_dim=512,
             attention_head_dim=8,
+            conv_impl=CONV_IMPL,
         ),
         latent_size=32,
         batch=8,
@@ -796,6 +802,9 @@ def main(argv=None) -> None:
         action="store_false",
         help="do not also time our step with a single-threaded XLA (child process, compiles again)",
     )
+    parser.add_argument(
+        "--conv-impl", default=CONV_IMPL, help="our U-Nets' conv formulation (ldm_jax.kernels.conv.CONV_IMPL_NAMES)"
+    )
     parser.add_argument("--peak-sizes", type=int, nargs="+", default=list(machine_peak.DEFAULT_SIZES))
     parser.add_argument("--peak-repeats", type=int, default=5)
     parser.add_argument("--skip-forward-check", action="store_true", help="skip the ours-vs-torch forward check")
@@ -831,7 +840,9 @@ def main(argv=None) -> None:
         print(f"torch.mm peak GFLOP/s, {threads} thread(s):", {n: round(v / 1e9, 1) for n, v in by_size.items()})
 
     names = ("small", "large") if args.config == "both" else (args.config,)
-    results = [run_config(CONFIGS[name](), args, peaks["machine_peak"]) for name in names]
+    configs = [CONFIGS[name]() for name in names]
+    configs = [dataclasses.replace(c, unet={**c.unet, "conv_impl": args.conv_impl}) for c in configs]
+    results = [run_config(cfg, args, peaks["machine_peak"]) for cfg in configs]
 
     report = markdown_report(machine, peaks, results, args)
     print("\n" + report)

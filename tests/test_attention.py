@@ -173,6 +173,10 @@ def test_auto_selects_by_platform_and_size():
     large = jnp.zeros((1, 1024, 1, 8))
     assert attn.select_backend("auto", small, small, platform="cpu") == "xla"
     assert attn.select_backend("auto", large, large, platform="cpu") == "blockwise"
+    # The CPU threshold: 256 x 256 logits (where benchmarks/results/attention.md starts) and up.
+    at, below = jnp.zeros((1, 256, 1, 8)), jnp.zeros((1, 255, 1, 8))
+    assert attn.select_backend("auto", at, at, platform="cpu") == "blockwise"
+    assert attn.select_backend("auto", below, below, platform="cpu") == "xla"
     assert attn.select_backend("auto", small, small, platform="tpu") == "splash"
     assert attn.select_backend("auto", small, small, platform="gpu") == "cudnn"
     assert attn.select_backend("xla", large, large, platform="tpu") == "xla"

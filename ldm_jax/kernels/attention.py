@@ -35,9 +35,11 @@ from ldm_jax.kernels.splash import splash_attention
 
 log = logging.getLogger(__name__)
 
-# One head's logits of at least 1024 x 1024 (a 32x32 latent self-attention) go blockwise under
-# "auto" off TPU/GPU: there the [T, S] float32 logits dominate activation memory.
-AUTO_BLOCKWISE_MIN_LOGITS = 1024 * 1024
+# One head's logits of at least 256 x 256 (a 16x16 latent self-attention) go blockwise under
+# "auto" off TPU/GPU: benchmarks/results/attention.md measured blockwise faster than the XLA path
+# on CPU at every T it timed (256, 1024, 4096; 1.1-2.3x forward+backward) besides its O(T x block)
+# memory. Below 256 x 256 nothing was measured, so the reference path stays.
+AUTO_BLOCKWISE_MIN_LOGITS = 256 * 256
 CUDNN_DTYPES = (jnp.float16, jnp.bfloat16)
 CUDNN_MAX_HEAD_DIM = 128
 

@@ -38,6 +38,7 @@ class ResnetBlock(nn.Module):
     output_scale_factor: float = 1.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv_impl: str = "xla"  # ldm_jax.kernels.conv formulation of the convolutions
 
     @nn.compact
     def __call__(self, x, temb=None, deterministic: bool = True):
@@ -46,7 +47,7 @@ class ResnetBlock(nn.Module):
         in_channels = x.shape[-1]
         out_channels = self.out_channels or in_channels
         groups_out = self.groups_out or self.groups
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, impl=self.conv_impl)
 
         h = P.group_norm(self.groups, epsilon=self.eps, param_dtype=self.param_dtype, name="norm1")(x)
         h = nn.silu(h).astype(self.dtype)
@@ -55,7 +56,7 @@ class ResnetBlock(nn.Module):
         scale_shift = None
         if self.use_time_embedding and temb is not None:
             proj_dim = out_channels * (2 if self.time_embedding_norm == "scale_shift" else 1)
-            t = P.dense(proj_dim, name="time_emb_proj", **kw)(nn.silu(temb).astype(self.dtype))
+            t = P.dense(proj_dim, name="time_emb_proj", dtype=self.dtype, param_dtype=self.param_dtype)(nn.silu(temb).astype(self.dtype))
             t = t[:, None, None, :]
             if self.time_embedding_norm == "default":
                 h = h + t
@@ -89,6 +90,7 @@ class Downsample(nn.Module):
     padding: str = "symmetric"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x):
@@ -106,6 +108,7 @@ class Downsample(nn.Module):
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             name="conv",
+            impl=self.conv_impl,
         )(x)
 
 
@@ -115,6 +118,7 @@ class Upsample(nn.Module):
     out_channels: int | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    conv_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x):
@@ -122,5 +126,6 @@ class Upsample(nn.Module):
         # repeat (not jax.image.resize) so it is exactly nearest-neighbour, like torch's interpolate.
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
         return P.conv(
-            self.out_channels or c, (3, 3), dtype=self.dtype, param_dtype=self.param_dtype, name="conv"
+            self.out_channels or c, (3, 3), dtype=self.dtype, param_dtype=self.param_dtype, name="conv",
+            impl=self.conv_impl,
         )(x)

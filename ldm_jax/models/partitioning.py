@@ -62,8 +62,28 @@ def conv(
     param_dtype: Dtype = jnp.float32,
     kernel_init=nn.initializers.lecun_normal(),
     name: str | None = None,
-) -> nn.Conv:
-    """An NHWC convolution whose kernel [kh, kw, in, out] carries ``names``."""
+    impl: str = "xla",
+) -> nn.Module:
+    """An NHWC convolution whose kernel [kh, kw, in, out] carries ``names``.
+
+    ``impl="xla"`` is flax's ``nn.Conv``; any other name of ``ldm_jax.kernels.conv.CONV_IMPL_NAMES``
+    gives ``ldm_jax.models.conv.Conv`` with the same parameters computed that way."""
+    if impl != "xla":
+        from ldm_jax.models.conv import Conv  # flax's nn.Conv stays the only import for "xla"
+
+        return Conv(
+            features,
+            kernel_size=tuple(kernel_size),
+            strides=tuple(strides),
+            padding=padding,
+            use_bias=use_bias,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            kernel_init=nn.with_logical_partitioning(kernel_init, tuple(names)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (names[-1],)),
+            impl=impl,
+            name=name,
+        )
     return nn.Conv(
         features,
         kernel_size=tuple(kernel_size),

@@ -103,6 +103,7 @@ def _resnet(block: nn.Module, out_channels: int, name: str, output_scale_factor:
         output_scale_factor=output_scale_factor,
         dtype=block.dtype,
         param_dtype=block.param_dtype,
+        conv_impl=block.conv_impl,
         name=name,
     )
 
@@ -139,6 +140,7 @@ class _UNetBlock(nn.Module, kw_only=True):
     time_embedding_norm: str = "default"
     attention: str = "auto"  # attention backend (ldm_jax.kernels)
     remat_layers: bool = False  # checkpoint each resnet / transformer layer (remat_policy="layer")
+    conv_impl: str = "xla"  # ldm_jax.kernels.conv formulation of the resnet / resampling convs
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -165,7 +167,9 @@ class DownBlock(_UNetBlock):
                 x = _transformer(self, self.out_channels, f"attentions_{i}", i)(x, context, deterministic)
             skips.append(x)
         if self.add_downsample:
-            x = Downsample(self.out_channels, padding="symmetric", name="downsamplers_0", **kw)(x)
+            x = Downsample(
+                self.out_channels, padding="symmetric", conv_impl=self.conv_impl, name="downsamplers_0", **kw
+            )(x)
             skips.append(x)
         return x, tuple(skips)
 
@@ -211,7 +215,7 @@ class UpBlock(_UNetBlock):
             if self.has_attention:
                 x = _transformer(self, self.out_channels, f"attentions_{i}", i)(x, context, deterministic)
         if self.add_upsample:
-            x = Upsample(self.out_channels, name="upsamplers_0", **kw)(x)
+            x = Upsample(self.out_channels, conv_impl=self.conv_impl, name="upsamplers_0", **kw)(x)
         return x
 
 
@@ -273,6 +277,7 @@ class UNet(nn.Module):
     attention: str = "auto"
     remat: bool = False
     remat_policy: str = "block"  # ldm_jax.models.remat.REMAT_POLICIES; used when remat=True
+    conv_impl: str = "xla"  # ldm_jax.kernels.conv.CONV_IMPL_NAMES; same parameters whichever runs
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -563,7 +568,8 @@ class UNet(nn.Module):
 
         pad = (self.conv_in_kernel - 1) // 2
         h = P.conv(
-            channels[0], (self.conv_in_kernel,) * 2, padding=((pad, pad), (pad, pad)), name="conv_in", **kw
+            channels[0], (self.conv_in_kernel,) * 2, padding=((pad, pad), (pad, pad)), name="conv_in",
+            impl=self.conv_impl, **kw
         )(x.astype(self.dtype))
 
         block_kw = dict(
@@ -573,6 +579,7 @@ class UNet(nn.Module):
             dropout=self.dropout,
             time_embedding_norm=self.resnet_time_scale_shift,
             attention=self.attention,
+            conv_impl=self.conv_impl,
             **kw,
         )
         down_cls, mid_cls, up_cls = DownBlock, MidBlock, UpBlock
@@ -640,5 +647,6 @@ class UNet(nn.Module):
         h = nn.silu(h).astype(self.dtype)
         pad = (self.conv_out_kernel - 1) // 2
         return P.conv(
-            self.out_channels, (self.conv_out_kernel,) * 2, padding=((pad, pad), (pad, pad)), name="conv_out", **kw
+            self.out_channels, (self.conv_out_kernel,) * 2, padding=((pad, pad), (pad, pad)), name="conv_out",
+            impl=self.conv_impl, **kw
         )(h)
