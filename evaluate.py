@@ -19,6 +19,14 @@ source: digits, shapes, tfds:<name> in a local ``--ref_data_dir``). The FID prot
 pytorch-fid's (module docstring of ldm_jax.evaluation.inception): 8-bit images, bilinear resize
 to 299 inside the network, pool3 features, float64 statistics.
 
+``--features digits_classifier`` scores digits (a folder, or a model with ``--classes``) with
+the classifier of ``ldm_jax.evaluation.classifier`` instead of Inception (no weights needed):
+``accuracy`` (samples of class y classified as y) and ``fd`` (Frechet distance in its
+features to the digits' train split), beside ``fd_real_vs_real`` (two halves of that split)::
+
+    python evaluate.py --features digits_classifier --model_dir runs/demo/ldm/model --num_samples 500 \
+        --classes 0 1 2 3 4 5 6 7 8 9 --sampler ddpm --steps 100 --guidance_scale 3
+
 CLIP score needs ``--clip_model`` (a local transformers CLIPModel folder with its tokenizer
 files) and prompts: the model-mode prompts, or for ``--images`` each image's ``<stem>.txt``
 caption or ``<stem>.json`` sidecar ``"prompt"`` (as sample.py writes).
@@ -39,6 +47,9 @@ import numpy as np
 
 EXIT_BAD_INPUT = 2
 METRIC_NAMES = ("fid", "kid", "is", "precision_recall", "clip_score")
+FEATURE_NETWORKS = ("inception", "digits_classifier")
+# --features digits_classifier: ldm_jax.evaluation.classifier (conditional accuracy, FD in its features)
+CLASSIFIER_METRICS = ("accuracy", "fd")
 
 
 class BadInput(Exception):
@@ -52,7 +63,12 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--inception", required=True, help="FID Inception weights: pytorch-fid .pth or converted .safetensors")
+    p.add_argument("--features", choices=FEATURE_NETWORKS, default="inception",
+                   help="feature network: the FID Inception (--inception) or the digits' own classifier "
+                        "(ldm_jax.evaluation.classifier, trained once and cached; metrics accuracy, fd)")
+    p.add_argument("--inception", default=None, help="FID Inception weights: pytorch-fid .pth or converted .safetensors")
+    p.add_argument("--classifier_cache_dir", default=None, help="--features digits_classifier: cache dir "
+                   "(default $LDM_JAX_CACHE or ~/.cache/ldm_jax)")
     fake = p.add_mutually_exclusive_group(required=True)
     fake.add_argument("--images", help="folder of images to evaluate")
     fake.add_argument("--model_dir", help="model folder to sample from (ldm_jax.json or diffusers model_index.json)")
@@ -100,7 +116,66 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def _check_classifier_args(args) -> None:
+    if args.metrics == ["fid"]:  # the default
+        args.metrics = list(CLASSIFIER_METRICS)
+    unknown = [m for m in args.metrics if m not in CLASSIFIER_METRICS]
+    if unknown:
+        raise BadInput(f"metric {unknown[0]!r} is not one of --features digits_classifier's {', '.join(CLASSIFIER_METRICS)}")
+    for name in ("images", "model_dir"):
+        path = getattr(args, name)
+        if path is not None and not os.path.isdir(path):
+            raise BadInput(f"--{name} folder not found: {path}")
+    if args.model_dir is not None and args.num_samples is None:
+        raise BadInput("--model_dir needs --num_samples")
+    if "accuracy" in args.metrics and args.classes is None:
+        raise BadInput("accuracy needs class-conditional samples: --model_dir with --classes")
+    for flag in ("ref_images", "ref_stats", "ref_data", "prompts", "clip_model", "save_stats", "save_ref_stats"):
+        if getattr(args, flag) is not None:
+            raise BadInput(f"--{flag} does not apply to --features digits_classifier (the reference is the digits' train split)")
+
+
+def run_classifier(args) -> dict:
+    """``--features digits_classifier``: conditional accuracy (model samples of ``--classes``
+    classified as their label) and the FD in the classifier's features against the digits'
+    train split, with the real-vs-real FD of two halves of it for scale."""
+    _check_classifier_args(args)
+    from ldm_jax.evaluation import classifier as C
+    from ldm_jax.evaluation.images import ImageFiles
+
+    fake_images = ImageFiles(args.images, limit=args.num_samples) if args.images else _ModelImages(args)
+    if fake_images.size[0] != fake_images.size[1]:
+        raise BadInput(f"the digits classifier needs square images, got {fake_images.size[0]}x{fake_images.size[1]}")
+    images, labels = [], []
+    if isinstance(fake_images, ImageFiles):
+        images = [fake_images[i][..., :1] for i in range(len(fake_images))]
+    else:
+        for indices, _, everything in fake_images.batches(args.batch_size):
+            images += list(everything[..., :1])
+            labels += [args.classes[i % len(args.classes)] for i in indices]
+    images = np.stack(images)
+    # The classifier's reference (and its cache key) is the digits' train split at this size.
+    data = {"name": "digits", "resolution": int(fake_images.size[0]), "channels": 1}
+    classifier = C.train_or_load_classifier(data, cache_dir=args.classifier_cache_dir)
+    reference = C.reference_for_data(classifier, data)
+    metrics = C.classifier_quality(classifier, images, np.asarray(labels or np.zeros(len(images)), np.int64), reference)
+    if "accuracy" not in args.metrics:
+        metrics.pop("accuracy")
+    return {
+        "metrics": metrics,
+        "images": args.images,
+        "model_dir": args.model_dir,
+        "reference": "digits train split",
+        "num_images": int(len(images)),
+        "features": {"network": "digits_classifier", "cache_key": classifier.key,
+                     "classifier_test_accuracy": classifier.test_accuracy, "num_reference": reference.num_images},
+        "settings": {k: getattr(args, k) for k in ("num_samples", "sampler", "steps", "guidance_scale", "seed")},
+    }
+
+
 def _check_args(args) -> None:
+    if args.inception is None:
+        raise BadInput("--inception is required (FID Inception weights), or --features digits_classifier")
     unknown = [m for m in args.metrics if m not in METRIC_NAMES]
     if unknown:
         raise BadInput(f"unknown metric {unknown[0]!r}; expected some of {', '.join(METRIC_NAMES)}")
@@ -210,6 +285,8 @@ class _ModelImages:
 
 
 def run(args) -> dict:
+    if args.features == "digits_classifier":
+        return run_classifier(args)
     _check_args(args)
     import jax
 

@@ -172,10 +172,14 @@ class DatasetClassifier:
         return self._fns[(size, mesh)]
 
     def run(self, images) -> dict[str, np.ndarray]:
-        """``{"features": [N, D], "logits": [N, K]}`` of uint8 or float [-1, 1] images."""
+        """``{"features": [N, D], "logits": [N, K]}`` of uint8 or float [-1, 1] images [N, H, W, C].
+        Multi-host: every process passes the same ``images`` and computes a contiguous share."""
         x01 = (_as_minus1_1(images) + 1.0) / 2.0
         fn = self.feature_fn()
-        batches = (x01[i : i + fn.local_batch_size] for i in range(0, len(x01), fn.local_batch_size))
+        share = -(-len(x01) // jax.process_count())
+        mine = x01[jax.process_index() * share : (jax.process_index() + 1) * share]
+        size = fn.local_batch_size
+        batches = (mine[i * size : (i + 1) * size] for i in range(-(-share // size)))  # same count everywhere
         return dict(collect(fn, batches, stats_key=None, keep=(FEATURES, LOGITS)))
 
     def features(self, images) -> np.ndarray:
