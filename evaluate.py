@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     fake = p.add_mutually_exclusive_group(required=True)
     fake.add_argument("--images", help="folder of images to evaluate")
     fake.add_argument("--model_dir", help="model folder to sample from (ldm_jax.json or diffusers model_index.json)")
+    fake.add_argument("--workdir", help="diffusion training workdir to sample from (EMA params of --step, default the latest)")
     ref = p.add_mutually_exclusive_group()
     ref.add_argument("--ref_images", help="folder of reference images")
     ref.add_argument("--ref_stats", help="reference statistics .npz (mu, sigma)")
@@ -103,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--save_samples", default=None, help="also write generated images as PNG files here")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step of --workdir (default: latest)")
+    p.add_argument("--fast_batching", action="store_true",
+                   help="sample each device's share as one batch (faster; images then depend on the batch)")
     p.add_argument("--no_progress", action="store_true")
     p.add_argument("--compilation_cache", default=None, metavar="DIR", help="persistent XLA compilation cache dir")
     return p
@@ -122,14 +126,14 @@ def _check_classifier_args(args) -> None:
     unknown = [m for m in args.metrics if m not in CLASSIFIER_METRICS]
     if unknown:
         raise BadInput(f"metric {unknown[0]!r} is not one of --features digits_classifier's {', '.join(CLASSIFIER_METRICS)}")
-    for name in ("images", "model_dir"):
+    for name in ("images", "model_dir", "workdir"):
         path = getattr(args, name)
         if path is not None and not os.path.isdir(path):
             raise BadInput(f"--{name} folder not found: {path}")
-    if args.model_dir is not None and args.num_samples is None:
-        raise BadInput("--model_dir needs --num_samples")
+    if (args.model_dir or args.workdir) is not None and args.num_samples is None:
+        raise BadInput("--model_dir/--workdir needs --num_samples")
     if "accuracy" in args.metrics and args.classes is None:
-        raise BadInput("accuracy needs class-conditional samples: --model_dir with --classes")
+        raise BadInput("accuracy needs class-conditional samples: --model_dir/--workdir with --classes")
     for flag in ("ref_images", "ref_stats", "ref_data", "prompts", "clip_model", "save_stats", "save_ref_stats"):
         if getattr(args, flag) is not None:
             raise BadInput(f"--{flag} does not apply to --features digits_classifier (the reference is the digits' train split)")
@@ -164,7 +168,8 @@ def run_classifier(args) -> dict:
     return {
         "metrics": metrics,
         "images": args.images,
-        "model_dir": args.model_dir,
+        "model_dir": args.model_dir or args.workdir,
+        "step": args.step,
         "reference": "digits train split",
         "num_images": int(len(images)),
         "features": {"network": "digits_classifier", "cache_key": classifier.key,
@@ -188,7 +193,7 @@ def _check_args(args) -> None:
     for name in ("num_samples", "num_ref"):
         if getattr(args, name) is not None and getattr(args, name) < 2:
             raise BadInput(f"--{name} must be >= 2, got {getattr(args, name)}")
-    for name in ("images", "ref_images", "model_dir", "clip_model"):
+    for name in ("images", "ref_images", "model_dir", "workdir", "clip_model"):
         path = getattr(args, name)
         if path is not None and not os.path.isdir(path):
             raise BadInput(f"--{name} folder not found: {path}")
@@ -202,9 +207,9 @@ def _check_args(args) -> None:
         raise BadInput("kid and precision_recall need reference images (--ref_images/--ref_data), not --ref_stats")
     if "clip_score" in args.metrics and args.clip_model is None:
         raise BadInput("clip_score needs --clip_model")
-    if args.model_dir is not None and args.num_samples is None:
-        raise BadInput("--model_dir needs --num_samples")
-    if args.model_dir is None:
+    if (args.model_dir or args.workdir) is not None and args.num_samples is None:
+        raise BadInput("--model_dir/--workdir needs --num_samples")
+    if args.model_dir is None and args.workdir is None:
         for flag in ("prompts", "classes", "save_samples"):
             if getattr(args, flag) is not None:
                 raise BadInput(f"--{flag} applies to --model_dir only")
@@ -233,9 +238,16 @@ class _ModelImages:
     """Samples of a pipeline, generated batch by batch (never all held at once)."""
 
     def __init__(self, args):
-        from ldm_jax.pipeline import load_model_folder
+        if args.workdir is not None:
+            from ldm_jax.pipeline import from_workdir
 
-        self.pipe = load_model_folder(args.model_dir)
+            self.pipe = from_workdir(args.workdir, step=args.step, batch_invariant=not args.fast_batching)
+        else:
+            from ldm_jax.pipeline import load_model_folder
+
+            self.pipe = load_model_folder(args.model_dir)
+            if args.fast_batching:
+                self.pipe = self.pipe.with_devices(batch_invariant=False)
         self.args = args
         self.prompts = None
         if args.prompts is not None:
@@ -364,7 +376,7 @@ def run(args) -> dict:
             fake = collect(feature_fn, local_batches(), stats_key="pool3", keep=keep, progress=bar)
 
     if args.save_stats is not None and jax.process_index() == 0:
-        save_stats(args.save_stats, fake["stats"], {"source": args.images or args.model_dir})
+        save_stats(args.save_stats, fake["stats"], {"source": args.images or args.model_dir or args.workdir})
     if args.save_ref_stats is not None and real is not None and not isinstance(real, GaussianStats):
         if jax.process_index() == 0:
             save_stats(args.save_ref_stats, real["stats"], {"source": args.ref_images or args.ref_data})
@@ -378,7 +390,7 @@ def run(args) -> dict:
     return {
         "metrics": results,
         "images": args.images,
-        "model_dir": args.model_dir,
+        "model_dir": args.model_dir or args.workdir,
         "reference": args.ref_images or args.ref_stats or args.ref_data,
         "num_images": int(fake["stats"].num_samples),
         "inception": {"weights": os.path.abspath(args.inception), "sha256": _sha256(args.inception)},
