@@ -81,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref_split", default="train")
     p.add_argument("--ref_resolution", type=int, default=None, help="resolution of --ref_data images (default: the fake images')")
     p.add_argument("--num_ref", type=int, default=None, help="use the first N reference images (default: all)")
-    p.add_argument("--metrics", nargs="+", default=["fid"], help=f"some of {' '.join(METRIC_NAMES)} (default fid)")
+    p.add_argument("--metrics", nargs="+", default=None,
+                   help=f"some of {' '.join(METRIC_NAMES)} (default fid); with --features digits_classifier "
+                        f"some of {' '.join(CLASSIFIER_METRICS)} (default both; fd for --images)")
     p.add_argument("--num_samples", type=int, default=None, help="images to generate (model) or first N images (folder)")
     p.add_argument("--batch_size", type=int, default=64, help="images per step on this process (rounded up to a multiple of its devices)")
     p.add_argument("--save_stats", default=None, help="write the evaluated images' statistics to this .npz")
@@ -121,8 +123,8 @@ def _sha256(path: str) -> str:
 
 
 def _check_classifier_args(args) -> None:
-    if args.metrics == ["fid"]:  # the default
-        args.metrics = list(CLASSIFIER_METRICS)
+    if args.metrics is None:
+        args.metrics = ["fd"] if args.images is not None else list(CLASSIFIER_METRICS)
     unknown = [m for m in args.metrics if m not in CLASSIFIER_METRICS]
     if unknown:
         raise BadInput(f"metric {unknown[0]!r} is not one of --features digits_classifier's {', '.join(CLASSIFIER_METRICS)}")
@@ -181,6 +183,8 @@ def run_classifier(args) -> dict:
 def _check_args(args) -> None:
     if args.inception is None:
         raise BadInput("--inception is required (FID Inception weights), or --features digits_classifier")
+    if args.metrics is None:
+        args.metrics = ["fid"]
     unknown = [m for m in args.metrics if m not in METRIC_NAMES]
     if unknown:
         raise BadInput(f"unknown metric {unknown[0]!r}; expected some of {', '.join(METRIC_NAMES)}")

@@ -147,7 +147,8 @@ def test_eval_hook_logs_metrics_and_keeps_the_best_checkpoint(tmp_path, caplog):
     assert [s for s, _ in scalars["eval/fd"]] == [2, 4]
     best_fd = min(r["fd"] for r in records)
     best_step = [r["step"] for r in records if r["fd"] == best_fd][0]
-    assert sorted(os.listdir(workdir / eval_hook.BEST_DIR)) == [str(best_step)] or str(best_step) in os.listdir(workdir / eval_hook.BEST_DIR)
+    steps = [d for d in os.listdir(workdir / eval_hook.BEST_DIR) if d.isdigit()]
+    assert steps == [str(best_step)]
     assert eval_hook._stored_best(str(workdir / eval_hook.BEST_DIR), "fd") == pytest.approx(best_fd)
 
 
@@ -167,3 +168,28 @@ def test_bad_eval_settings_fail_with_one_line(override, message):
     with pytest.raises(ValueError, match=message) as info:
         eval_settings(c)
     assert "\n" not in str(info.value)
+
+
+def test_evaluate_cli_scores_an_image_folder_with_the_digits_classifier(trained, tmp_path):
+    from PIL import Image
+
+    from ldm_jax.evaluation.features import quantize
+
+    classifier, cache = trained
+    images, _ = _arrays("test")
+    pixels = quantize(images[:40])
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    for i, image in enumerate(pixels):
+        Image.fromarray(image[..., 0]).save(folder / f"{i:03d}.png")
+    spec = importlib.util.spec_from_file_location("evaluate_cli", os.path.join(ROOT, "evaluate.py"))
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    out = tmp_path / "results.json"
+    assert evaluate.main(["--features", "digits_classifier", "--images", str(folder), "--classifier_cache_dir", cache,
+                          "--out", str(out), "--no_progress"]) == 0
+    results = json.loads(out.read_text())
+    expected = C.classifier_quality(classifier, pixels, np.zeros(len(pixels)), C.reference_for_data(classifier, DIGITS))
+    assert results["metrics"]["fd"] == pytest.approx(expected["fd"], rel=1e-9)
+    assert "accuracy" not in results["metrics"] and results["num_images"] == 40
+    assert evaluate.main(["--features", "digits_classifier", "--images", str(folder), "--metrics", "fid"]) == 2
