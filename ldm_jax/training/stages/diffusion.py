@@ -147,7 +147,12 @@ def make_preview_fn(
         )
         return images
 
-    place = jnp.asarray if batch_sharding is None else functools.partial(jax.device_put, device=batch_sharding)
+    def place(x):
+        if batch_sharding is None:
+            return jnp.asarray(x)
+        x = np.asarray(x)  # the same on every process: each places its own devices' rows
+        return jax.make_array_from_callback(x.shape, batch_sharding, lambda index: x[index])
+
     cond_j = jax.tree.map(place, cond)
     uncond_j = None if uncond is None else jax.tree.map(place, uncond)
 
