@@ -19,6 +19,14 @@ source: digits, shapes, tfds:<name> in a local ``--ref_data_dir``). The FID prot
 pytorch-fid's (module docstring of ldm_jax.evaluation.inception): 8-bit images, bilinear resize
 to 299 inside the network, pool3 features, float64 statistics.
 
+``--features digits_classifier`` scores digits (a folder, or a model with ``--classes``) with
+the classifier of ``ldm_jax.evaluation.classifier`` instead of Inception (no weights needed):
+``accuracy`` (samples of class y classified as y) and ``fd`` (Frechet distance in its
+features to the digits' train split), beside ``fd_real_vs_real`` (two halves of that split)::
+
+    python evaluate.py --features digits_classifier --model_dir runs/demo/ldm/model --num_samples 500 \
+        --classes 0 1 2 3 4 5 6 7 8 9 --sampler ddpm --steps 100 --guidance_scale 3
+
 CLIP score needs ``--clip_model`` (a local transformers CLIPModel folder with its tokenizer
 files) and prompts: the model-mode prompts, or for ``--images`` each image's ``<stem>.txt``
 caption or ``<stem>.json`` sidecar ``"prompt"`` (as sample.py writes).
@@ -39,6 +47,9 @@ import numpy as np
 
 EXIT_BAD_INPUT = 2
 METRIC_NAMES = ("fid", "kid", "is", "precision_recall", "clip_score")
+FEATURE_NETWORKS = ("inception", "digits_classifier")
+# --features digits_classifier: ldm_jax.evaluation.classifier (conditional accuracy, FD in its features)
+CLASSIFIER_METRICS = ("accuracy", "fd")
 
 
 class BadInput(Exception):
@@ -52,10 +63,16 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--inception", required=True, help="FID Inception weights: pytorch-fid .pth or converted .safetensors")
+    p.add_argument("--features", choices=FEATURE_NETWORKS, default="inception",
+                   help="feature network: the FID Inception (--inception) or the digits' own classifier "
+                        "(ldm_jax.evaluation.classifier, trained once and cached; metrics accuracy, fd)")
+    p.add_argument("--inception", default=None, help="FID Inception weights: pytorch-fid .pth or converted .safetensors")
+    p.add_argument("--classifier_cache_dir", default=None, help="--features digits_classifier: cache dir "
+                   "(default $LDM_JAX_CACHE or ~/.cache/ldm_jax)")
     fake = p.add_mutually_exclusive_group(required=True)
     fake.add_argument("--images", help="folder of images to evaluate")
     fake.add_argument("--model_dir", help="model folder to sample from (ldm_jax.json or diffusers model_index.json)")
+    fake.add_argument("--workdir", help="diffusion training workdir to sample from (EMA params of --step, default the latest)")
     ref = p.add_mutually_exclusive_group()
     ref.add_argument("--ref_images", help="folder of reference images")
     ref.add_argument("--ref_stats", help="reference statistics .npz (mu, sigma)")
@@ -64,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ref_split", default="train")
     p.add_argument("--ref_resolution", type=int, default=None, help="resolution of --ref_data images (default: the fake images')")
     p.add_argument("--num_ref", type=int, default=None, help="use the first N reference images (default: all)")
-    p.add_argument("--metrics", nargs="+", default=["fid"], help=f"some of {' '.join(METRIC_NAMES)} (default fid)")
+    p.add_argument("--metrics", nargs="+", default=None,
+                   help=f"some of {' '.join(METRIC_NAMES)} (default fid); with --features digits_classifier "
+                        f"some of {' '.join(CLASSIFIER_METRICS)} (default both; fd for --images)")
     p.add_argument("--num_samples", type=int, default=None, help="images to generate (model) or first N images (folder)")
     p.add_argument("--batch_size", type=int, default=64, help="images per step on this process (rounded up to a multiple of its devices)")
     p.add_argument("--save_stats", default=None, help="write the evaluated images' statistics to this .npz")
@@ -87,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--save_samples", default=None, help="also write generated images as PNG files here")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step of --workdir (default: latest)")
+    p.add_argument("--fast_batching", action="store_true",
+                   help="sample each device's share as one batch (faster; images then depend on the batch)")
     p.add_argument("--no_progress", action="store_true")
     p.add_argument("--compilation_cache", default=None, metavar="DIR", help="persistent XLA compilation cache dir")
     return p
@@ -100,7 +122,69 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def _check_classifier_args(args) -> None:
+    if args.metrics is None:
+        args.metrics = ["fd"] if args.images is not None else list(CLASSIFIER_METRICS)
+    unknown = [m for m in args.metrics if m not in CLASSIFIER_METRICS]
+    if unknown:
+        raise BadInput(f"metric {unknown[0]!r} is not one of --features digits_classifier's {', '.join(CLASSIFIER_METRICS)}")
+    for name in ("images", "model_dir", "workdir"):
+        path = getattr(args, name)
+        if path is not None and not os.path.isdir(path):
+            raise BadInput(f"--{name} folder not found: {path}")
+    if (args.model_dir or args.workdir) is not None and args.num_samples is None:
+        raise BadInput("--model_dir/--workdir needs --num_samples")
+    if "accuracy" in args.metrics and args.classes is None:
+        raise BadInput("accuracy needs class-conditional samples: --model_dir/--workdir with --classes")
+    for flag in ("ref_images", "ref_stats", "ref_data", "prompts", "clip_model", "save_stats", "save_ref_stats"):
+        if getattr(args, flag) is not None:
+            raise BadInput(f"--{flag} does not apply to --features digits_classifier (the reference is the digits' train split)")
+
+
+def run_classifier(args) -> dict:
+    """``--features digits_classifier``: conditional accuracy (model samples of ``--classes``
+    classified as their label) and the FD in the classifier's features against the digits'
+    train split, with the real-vs-real FD of two halves of it for scale."""
+    _check_classifier_args(args)
+    from ldm_jax.evaluation import classifier as C
+    from ldm_jax.evaluation.images import ImageFiles
+
+    fake_images = ImageFiles(args.images, limit=args.num_samples) if args.images else _ModelImages(args)
+    if fake_images.size[0] != fake_images.size[1]:
+        raise BadInput(f"the digits classifier needs square images, got {fake_images.size[0]}x{fake_images.size[1]}")
+    images, labels = [], []
+    if isinstance(fake_images, ImageFiles):
+        images = [fake_images[i][..., :1] for i in range(len(fake_images))]
+    else:
+        for indices, _, everything in fake_images.batches(args.batch_size):
+            images += list(everything[..., :1])
+            labels += [args.classes[i % len(args.classes)] for i in indices]
+    images = np.stack(images)
+    # The classifier's reference (and its cache key) is the digits' train split at this size.
+    data = {"name": "digits", "resolution": int(fake_images.size[0]), "channels": 1}
+    classifier = C.train_or_load_classifier(data, cache_dir=args.classifier_cache_dir)
+    reference = C.reference_for_data(classifier, data)
+    metrics = C.classifier_quality(classifier, images, np.asarray(labels or np.zeros(len(images)), np.int64), reference)
+    if "accuracy" not in args.metrics:
+        metrics.pop("accuracy")
+    return {
+        "metrics": metrics,
+        "images": args.images,
+        "model_dir": args.model_dir or args.workdir,
+        "step": args.step,
+        "reference": "digits train split",
+        "num_images": int(len(images)),
+        "features": {"network": "digits_classifier", "cache_key": classifier.key,
+                     "classifier_test_accuracy": classifier.test_accuracy, "num_reference": reference.num_images},
+        "settings": {k: getattr(args, k) for k in ("num_samples", "sampler", "steps", "guidance_scale", "seed")},
+    }
+
+
 def _check_args(args) -> None:
+    if args.inception is None:
+        raise BadInput("--inception is required (FID Inception weights), or --features digits_classifier")
+    if args.metrics is None:
+        args.metrics = ["fid"]
     unknown = [m for m in args.metrics if m not in METRIC_NAMES]
     if unknown:
         raise BadInput(f"unknown metric {unknown[0]!r}; expected some of {', '.join(METRIC_NAMES)}")
@@ -113,7 +197,7 @@ def _check_args(args) -> None:
     for name in ("num_samples", "num_ref"):
         if getattr(args, name) is not None and getattr(args, name) < 2:
             raise BadInput(f"--{name} must be >= 2, got {getattr(args, name)}")
-    for name in ("images", "ref_images", "model_dir", "clip_model"):
+    for name in ("images", "ref_images", "model_dir", "workdir", "clip_model"):
         path = getattr(args, name)
         if path is not None and not os.path.isdir(path):
             raise BadInput(f"--{name} folder not found: {path}")
@@ -127,9 +211,9 @@ def _check_args(args) -> None:
         raise BadInput("kid and precision_recall need reference images (--ref_images/--ref_data), not --ref_stats")
     if "clip_score" in args.metrics and args.clip_model is None:
         raise BadInput("clip_score needs --clip_model")
-    if args.model_dir is not None and args.num_samples is None:
-        raise BadInput("--model_dir needs --num_samples")
-    if args.model_dir is None:
+    if (args.model_dir or args.workdir) is not None and args.num_samples is None:
+        raise BadInput("--model_dir/--workdir needs --num_samples")
+    if args.model_dir is None and args.workdir is None:
         for flag in ("prompts", "classes", "save_samples"):
             if getattr(args, flag) is not None:
                 raise BadInput(f"--{flag} applies to --model_dir only")
@@ -158,9 +242,16 @@ class _ModelImages:
     """Samples of a pipeline, generated batch by batch (never all held at once)."""
 
     def __init__(self, args):
-        from ldm_jax.pipeline import load_model_folder
+        if args.workdir is not None:
+            from ldm_jax.pipeline import from_workdir
 
-        self.pipe = load_model_folder(args.model_dir)
+            self.pipe = from_workdir(args.workdir, step=args.step, batch_invariant=not args.fast_batching)
+        else:
+            from ldm_jax.pipeline import load_model_folder
+
+            self.pipe = load_model_folder(args.model_dir)
+            if args.fast_batching:
+                self.pipe = self.pipe.with_devices(batch_invariant=False)
         self.args = args
         self.prompts = None
         if args.prompts is not None:
@@ -210,6 +301,8 @@ class _ModelImages:
 
 
 def run(args) -> dict:
+    if args.features == "digits_classifier":
+        return run_classifier(args)
     _check_args(args)
     import jax
 
@@ -287,7 +380,7 @@ def run(args) -> dict:
             fake = collect(feature_fn, local_batches(), stats_key="pool3", keep=keep, progress=bar)
 
     if args.save_stats is not None and jax.process_index() == 0:
-        save_stats(args.save_stats, fake["stats"], {"source": args.images or args.model_dir})
+        save_stats(args.save_stats, fake["stats"], {"source": args.images or args.model_dir or args.workdir})
     if args.save_ref_stats is not None and real is not None and not isinstance(real, GaussianStats):
         if jax.process_index() == 0:
             save_stats(args.save_ref_stats, real["stats"], {"source": args.ref_images or args.ref_data})
@@ -301,7 +394,7 @@ def run(args) -> dict:
     return {
         "metrics": results,
         "images": args.images,
-        "model_dir": args.model_dir,
+        "model_dir": args.model_dir or args.workdir,
         "reference": args.ref_images or args.ref_stats or args.ref_data,
         "num_images": int(fake["stats"].num_samples),
         "inception": {"weights": os.path.abspath(args.inception), "sha256": _sha256(args.inception)},

@@ -15,12 +15,13 @@ latents/s on 2 busy cores; with 1500 steps the 8s and 9s are still ambiguous). T
 from __future__ import annotations
 
 from configs import base
+from ldm_jax.evaluation.settings import add_eval_section
 from ldm_jax.training.stages.sections import add_diffusion_sections
 
 
 def get_config(arg: str | None = None):
     local = base.is_local(arg)
-    c = add_diffusion_sections(base.get_base_config("diffusion"))
+    c = add_eval_section(add_diffusion_sections(base.get_base_config("diffusion")))
     c.data = base.data_config("digits", 32)
     c.data.channels = 1  # the autoencoder's input
 
@@ -63,7 +64,17 @@ def get_config(arg: str | None = None):
     c.preview.num_steps = 100
     c.preview.guidance_scale = 3.0
 
+    # Sample quality during training (ldm_jax.training.eval_hook): 500 samples (50 per digit)
+    # scored by a classifier trained on the digits' labels (cached): conditional accuracy and
+    # the Frechet distance in its features; the best checkpoint by FD is kept.
+    c.eval.every_steps = 500
+    c.eval.num_samples = 500
+    c.eval.best_metric = "fd"
+
     if local:  # 16 pixels, as configs/digits_autoencoder.py:runlocal
         base.shrink_for_local(c, 6, sample_steps=4)
         c.preview.max_rows = 3
+        c.eval.every_steps = 0  # tests switch it on with a tiny classifier
+        c.eval.num_samples = 16
+        c.eval.classifier_steps = 20
     return c

@@ -8,7 +8,8 @@
   ``train/grad_norm``, ``train/lr``, aux losses, ...), ``perf/images_per_sec`` and
   ``perf/steps_per_sec`` (wall clock between log points, compilation excluded) and
   ``data/skipped_images`` (unreadable images replaced so far);
-* sample grids: ``<workdir>/samples/<tag>_<step>.png`` plus a TensorBoard image.
+* sample grids: ``<workdir>/samples/<tag>_<step>.png`` plus a TensorBoard image;
+* other scalars (``write_scalars``: the evaluation hook's ``eval/*``).
 
 ``image_grid`` / ``save_png`` are plain NumPy/Pillow helpers usable on their own.
 """
@@ -167,6 +168,14 @@ class RunLogger:
             for name, value in scalars.items():
                 self._writer.add_scalar(name, value, step)
             self._writer.flush()
+
+    def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        """TensorBoard scalars under their given names (e.g. ``eval/fd``), outside ``on_metrics``."""
+        if self._writer is None or not self.enabled:
+            return
+        for name, value in scalars.items():
+            self._writer.add_scalar(name, float(value), step)
+        self._writer.flush()
 
     # ------------------------------------------------------------------ images
 

@@ -43,6 +43,9 @@ class Stage:
     preview_columns: images per preview grid row (0: ``config.preview.columns``).
     preview_rows: what each preview row shows (class ids, prompts), for logs and tests.
     model: the stage's model object (e.g. ``ldm_jax.ldm.model.DiffusionModel``), for tests.
+    sample: ``sample(ema_params, labels or None, key, settings) -> uint8 [N, H, W, C]``
+      generated images for the evaluation hook (``ldm_jax.training.eval_hook``), or None for
+      stages that do not generate.
     """
 
     task: Task
@@ -54,3 +57,4 @@ class Stage:
     preview_columns: int = 0
     preview_rows: Sequence[str] = ()
     model: Any = None
+    sample: Callable[..., np.ndarray] | None = None

@@ -108,13 +108,15 @@ def preview_conditions(model: DiffusionModel, preview: Any, source: Any = None) 
 
 def make_preview_fn(
     model: DiffusionModel, preview: Any, frozen_placed: Any, cond: dict, uncond: dict | None, n: int,
-    out_sharding: Any = None,
+    out_sharding: Any = None, batch_sharding: Any = None,
 ):
     """``preview(ema_params, key) -> uint8 [N, H, W, C]``: the generation program
     (``ldm_jax.ldm.generation.generate``, as the pipeline runs it) jitted over one batch; its
     arguments are the EMA params, the frozen params and the conditions (nothing large is a
     compile-time constant). Image i's noise is stream ``i`` of ``key``, as in the pipeline with
-    ``seed`` -> ``PRNGKey(seed)``. ``out_sharding``: replicated, so every process can read it."""
+    ``seed`` -> ``PRNGKey(seed)``. ``out_sharding``: replicated, so every process can read it.
+    ``batch_sharding``: split the images over devices (conditions placed with it); the returned
+    function then also takes ``cond`` (same structure as the one given) as a third argument."""
     guidance = float(preview.guidance_scale)
     use_cfg = model.conditioner.has_null and uncond is not None and guidance != 1.0
     program = Program(
@@ -133,7 +135,10 @@ def make_preview_fn(
             "first_stage": frozen["first_stage"],
             "conditioner": model.conditioner_params(params, frozen),
         }
-        inputs = {"index": jnp.arange(n), "cond": cond}
+        index = jnp.arange(n)
+        if batch_sharding is not None:
+            index = jax.lax.with_sharding_constraint(index, batch_sharding)
+        inputs = {"index": index, "cond": cond}
         if use_cfg:
             inputs["uncond"] = uncond
         # The schedule is built inside the trace (constants), as previews always compiled it.
@@ -143,14 +148,55 @@ def make_preview_fn(
         )
         return images
 
-    cond_j = jax.tree.map(jnp.asarray, cond)
-    uncond_j = None if uncond is None else jax.tree.map(jnp.asarray, uncond)
+    def place(x):
+        if batch_sharding is None:
+            return jnp.asarray(x)
+        x = np.asarray(x)  # the same on every process: each places its own devices' rows
+        return jax.make_array_from_callback(x.shape, batch_sharding, lambda index: x[index])
 
-    def preview_fn(params, key):
-        images = run(params, frozen_placed, cond_j, uncond_j, key)
+    cond_j = jax.tree.map(place, cond)
+    uncond_j = None if uncond is None else jax.tree.map(place, uncond)
+
+    def preview_fn(params, key, cond=None):
+        given = cond_j if cond is None else jax.tree.map(place, cond)
+        images = run(params, frozen_placed, given, uncond_j, key)
+        if jax.process_count() > 1 and batch_sharding is not None:
+            from jax.experimental import multihost_utils
+
+            images = multihost_utils.process_allgather(images, tiled=True)
         return np.round(np.asarray(jax.device_get(images)) * 255.0).astype(np.uint8)
 
     return preview_fn
+
+
+def make_sample_fn(model: DiffusionModel, frozen_placed: Any, run: Any):
+    """``sample(ema_params, labels or None, key, settings) -> uint8 [N, H, W, C]``: ``N`` images
+    of the given classes (None: unconditional, ``N = settings.num_images``) through the same
+    generation program as the previews (:func:`make_preview_fn`), the batch split over the
+    mesh's data axes (``N`` a multiple of their size). ``settings``: ``sampler``, ``num_steps``,
+    ``guidance_scale`` (the preview's keys). Programs are compiled once per (settings, N).
+    Used by the evaluation hook (``ldm_jax.training.eval_hook``)."""
+    compiled: dict = {}
+    c = model.conditioner
+
+    def sample(params, labels, key, settings):
+        if labels is not None and c.kind != "class":
+            raise ValueError(f"labels given but the model's conditioning is {c.kind!r}")
+        if labels is None and c.kind != "none":
+            raise ValueError(f"the model's conditioning is {c.kind!r}: evaluation samples need labels (class models only)")
+        n = int(settings.num_images) if labels is None else len(labels)
+        cache_key = (str(settings.sampler), int(settings.num_steps), float(settings.guidance_scale), n)
+        if cache_key not in compiled:
+            cond, uncond = {}, None
+            if labels is not None:
+                cond, uncond = c.host_inputs(np.zeros(n, np.int32)), c.null_host_inputs(n)
+            fn = make_preview_fn(model, settings, frozen_placed, cond, uncond, n, run.batch_sharding,
+                                 batch_sharding=run.batch_sharding)
+            compiled[cache_key] = fn
+        cond = {} if labels is None else c.host_inputs(np.asarray(labels, np.int32))
+        return compiled[cache_key](params, key, cond)
+
+    return sample
 
 
 # ----------------------------------------------------------------------------- stage
@@ -260,6 +306,7 @@ def build_stage(config: Any, data_stats: Any, *, source: Any = None, run: Any = 
     cond, uncond, n, rows = preview_conditions(model, preview_config, source)
     frozen_placed, _ = run.place_replicated(model.frozen_params())
     preview_fn = make_preview_fn(model, preview_config, frozen_placed, cond, uncond, n, run.replicated)
+    sample_fn = make_sample_fn(model, frozen_placed, run)
 
     def export(params, directory):
         save_model_folder(
@@ -287,4 +334,5 @@ def build_stage(config: Any, data_stats: Any, *, source: Any = None, run: Any = 
         preview_columns=max(1, int(preview_config.columns)) if c.has_null else 0,
         preview_rows=tuple(rows),
         model=model,
+        sample=sample_fn,
     )
