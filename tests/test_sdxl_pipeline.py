@@ -64,8 +64,11 @@ def _nhwc(x: torch.Tensor) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
+    return make_sdxl_folders(tmp_path_factory.mktemp("sdxl_pipe"))
+
+
+def make_sdxl_folders(root):
     """(base folder, refiner folder, diffusers base pipeline, diffusers refiner pipeline)."""
-    root = tmp_path_factory.mktemp("sdxl_pipe")
     tok = root / "tok"
     tok.mkdir()
     _write_tokenizer(tok / "tokenizer", "<|endoftext|>")
@@ -120,12 +123,13 @@ def test_sdxl_folders_load_with_the_sdxl_conditioner(ours):
 
 @pytest.mark.parametrize("scheduler", ["euler", "ddim"])
 def test_sdxl_base_text2img_latents_match_diffusers(folders, ours, scheduler):
-    """Negative prompts, CFG with guidance rescale, explicit micro-conditioning (crop and
-    negative sizes) - final latents against StableDiffusionXLPipeline's."""
+    """Negative prompts, CFG with guidance rescale, explicit micro-conditioning - final latents
+    against StableDiffusionXLPipeline's. Negative sizes are checked one prompt at a time: for a
+    batch, diffusers 0.42 repeats ``[negative_ids, ids]`` per prompt, which pairs some rows with
+    the other branch's ids (its embeddings are ``[negatives..., positives...]``); ours are per image."""
     _, _, base, _ = folders
     pipe, _ = ours
-    micro = dict(original_size=(24, 20), crops_coords_top_left=(2, 4), target_size=(16, 16),
-                 negative_original_size=(12, 12), negative_target_size=(16, 8))
+    micro = dict(original_size=(24, 20), crops_coords_top_left=(2, 4), target_size=(16, 16))
     if scheduler == "ddim":
         base.scheduler = DDIMScheduler(**SCHEDULER, clip_sample=False, set_alpha_to_one=False)
         sampler, options = "ddim", dict(set_alpha_to_one=False, thresholding=None)
@@ -139,8 +143,16 @@ def test_sdxl_base_text2img_latents_match_diffusers(folders, ours, scheduler):
     got = pipe(PROMPTS, negative_prompt=NEGATIVE, sampler=sampler, num_steps=3, guidance_scale=5.0,
                guidance_rescale=0.3, latents=x_T, output_type="latent", **micro, **options)
     err = _error(got, _nhwc(want))
-    print(f"SDXL base text2img ({scheduler}) vs diffusers: {err:.2e}")
-    assert err <= 1e-5
+    negative_sizes = dict(micro, negative_original_size=(12, 12), negative_target_size=(16, 8),
+                          negative_crops_coords_top_left=(1, 3))
+    with torch.no_grad():
+        want1 = base(prompt=PROMPTS[:1], negative_prompt=NEGATIVE[:1], num_inference_steps=3, guidance_scale=5.0,
+                     latents=_nchw(x_T[:1]), output_type="latent", **negative_sizes).images
+    got1 = pipe(PROMPTS[:1], negative_prompt=NEGATIVE[:1], sampler=sampler, num_steps=3, guidance_scale=5.0,
+                latents=x_T[:1], output_type="latent", **negative_sizes, **options)
+    err1 = _error(got1, _nhwc(want1))
+    print(f"SDXL base text2img ({scheduler}) vs diffusers: {err:.2e}; with negative sizes {err1:.2e}")
+    assert err <= 1e-5 and err1 <= 1e-5
 
 
 def test_sdxl_zero_negative_without_negative_prompt_matches_diffusers(folders, ours):

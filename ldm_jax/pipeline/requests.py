@@ -238,7 +238,9 @@ def prepare_request(
 
     options = _sampler_options(pipe, sampler, num_steps, eta, sampler_options)
     jump_length, jump_n_sample = _jumps(inpaint_jumps, mode, sampler)
-    start_step, stop_step = denoising_range(pipe, sampler, options, mode, strength, denoising_start, denoising_end)
+    start_step, stop_step = denoising_range(
+        pipe, sampler, int(num_steps), options, mode, strength, denoising_start, denoising_end
+    )
     program = Program(
         mode=mode,
         latent_shape=latent_shape,
@@ -355,7 +357,9 @@ def _fraction(value, name: str) -> float:
     return float(value)
 
 
-def denoising_range(pipe, sampler: str, options: tuple, mode: str, strength, denoising_start, denoising_end):
+def denoising_range(
+    pipe, sampler: str, num_steps: int, options: tuple, mode: str, strength, denoising_start, denoising_end
+):
     """``(start_step, stop_step)`` of a run cut by diffusers' ``denoising_start`` /
     ``denoising_end`` (None, None when neither is given).
 
@@ -372,7 +376,7 @@ def denoising_range(pipe, sampler: str, options: tuple, mode: str, strength, den
         raise ValueError(f"denoising_start={start} must be below denoising_end={end}")
     if mode in ("inpaint_concat", "inpaint_replace"):
         raise ValueError("denoising_start / denoising_end apply to text2img, img2img and refinement, not inpainting")
-    spec, cfg = resolve_sampler(sampler, pipe.schedule, **dict(options))
+    spec, cfg = resolve_sampler(sampler, pipe.schedule, num_steps=num_steps, **dict(options))
     timesteps = np.asarray(spec.plan(pipe.schedule, cfg, 0).t, np.float64)
     if timesteps.shape[0] != cfg.num_steps:
         raise ValueError(f"denoising_start / denoising_end need a sampler with one model evaluation per step, not {sampler!r}")
