@@ -70,6 +70,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=None, help="img2img strength in [0, 1] (default 0.8)")
     p.add_argument("--mask", default=None, help="inpainting mask image: white = repaint, black = keep")
     p.add_argument("--low_res", default=None, help="low-resolution conditioning image (super-resolution models)")
+    sdxl = p.add_argument_group("SDXL (micro-conditioning defaults as diffusers; see README)")
+    sdxl.add_argument("--prompt_2", default=None, help="prompt for the second text encoder (default: --prompt)")
+    sdxl.add_argument("--negative_prompt_2", default=None)
+    for name, meta in (("original_size", ("H", "W")), ("target_size", ("H", "W")), ("crops_coords_top_left", ("TOP", "LEFT"))):
+        sdxl.add_argument(f"--{name}", type=int, nargs=2, metavar=meta, default=None)
+        sdxl.add_argument(f"--negative_{name}", type=int, nargs=2, metavar=meta, default=None)
+    sdxl.add_argument("--aesthetic_score", type=float, default=None, help="refiner (default 6.0)")
+    sdxl.add_argument("--negative_aesthetic_score", type=float, default=None, help="refiner (default 2.5)")
+    sdxl.add_argument("--refiner_dir", default=None, help="SDXL refiner folder: the base hands over at --denoising_end")
+    sdxl.add_argument("--denoising_end", type=float, default=None, help="base/refiner split in (0, 1) (default 0.8)")
+    sdxl.add_argument("--variant", default=None, help="diffusers weight variant, e.g. fp16")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--compilation_cache", default=None, metavar="DIR", help="persistent XLA compilation cache dir")
     p.add_argument(
@@ -151,13 +162,39 @@ def _check_args(args) -> None:
         raise BadInput(f"model directory not found: {args.model_dir}")
     if args.workdir is not None and not os.path.isdir(args.workdir):
         raise BadInput(f"workdir not found: {args.workdir}")
+    if args.refiner_dir is not None:
+        if args.model_dir is None:
+            raise BadInput("--refiner_dir needs --model_dir (an SDXL base folder)")
+        if not os.path.isdir(args.refiner_dir):
+            raise BadInput(f"refiner directory not found: {args.refiner_dir}")
+        if args.init_image is not None:
+            raise BadInput("--refiner_dir applies to text-to-image (no --init_image)")
+    if args.denoising_end is not None and not 0.0 < args.denoising_end < 1.0:
+        raise BadInput(f"--denoising_end must be in (0, 1), got {args.denoising_end}")
+    if args.variant is not None and args.model_dir is None:
+        raise BadInput("--variant applies to --model_dir only")
+
+
+SDXL_FLAGS = ("prompt_2", "negative_prompt_2", "original_size", "negative_original_size", "target_size",
+              "negative_target_size", "crops_coords_top_left", "negative_crops_coords_top_left", "aesthetic_score",
+              "negative_aesthetic_score")
+
+
+def _sdxl_options(args) -> dict:
+    """The SDXL flags that were given, as pipeline keyword arguments."""
+    out = {}
+    for name in SDXL_FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            out[name] = tuple(value) if isinstance(value, list) else value
+    return out
 
 
 def _load_pipeline(args):
     if args.model_dir is not None:
         from ldm_jax.pipeline import load_model_folder
 
-        return load_model_folder(args.model_dir, batch_invariant=not args.fast_batching)
+        return load_model_folder(args.model_dir, batch_invariant=not args.fast_batching, variant=args.variant)
     from ldm_jax.pipeline import from_workdir
 
     return from_workdir(args.workdir, step=args.step, config=args.config, batch_invariant=not args.fast_batching)
@@ -189,6 +226,12 @@ def _regenerate_command(args, kind: str, value, index: int) -> str:
             cmd += [f"--{flag}", os.path.abspath(getattr(args, flag))]
     if args.strength is not None:
         cmd += ["--strength", repr(args.strength)]
+    for name, value in _sdxl_options(args).items():
+        cmd += [f"--{name}", *map(str, value)] if isinstance(value, tuple) else [f"--{name}", str(value)]
+    for flag in ("refiner_dir", "denoising_end", "variant"):
+        if getattr(args, flag) is not None:
+            value = getattr(args, flag)
+            cmd += [f"--{flag}", os.path.abspath(value) if flag == "refiner_dir" else str(value)]
     if args.fast_batching:
         cmd += ["--fast_batching", "--batch_size", str(args.batch_size)]
     cmd += ["--out", "regenerated"]
@@ -228,6 +271,11 @@ def run(args) -> int:
     from tqdm import tqdm
 
     pipe = _load_pipeline(args)
+    refiner = None
+    if args.refiner_dir is not None:
+        from ldm_jax.pipeline import load_model_folder
+
+        refiner = load_model_folder(args.refiner_dir, batch_invariant=not args.fast_batching, variant=args.variant)
     images_in = {}
     if "init_image" in files:
         images_in["init_image"] = _pixels(files["init_image"], pipe.first_stage.image_channels)
@@ -280,13 +328,25 @@ def run(args) -> int:
             strength=args.strength,
             pad_batch_to=args.batch_size,
             **images_in,
+            **_sdxl_options(args),
+            **({"denoising_end": args.denoising_end} if args.denoising_end is not None and refiner is None else {}),
         )
+
+    def generate(batch):
+        if refiner is None:
+            return pipe(**call_arguments(batch))
+        from ldm_jax.pipeline.sdxl import base_then_refiner
+
+        kwargs = call_arguments(batch)
+        prompts = kwargs.pop("prompts")
+        split = 0.8 if args.denoising_end is None else args.denoising_end
+        return base_then_refiner(pipe, refiner, prompts, denoising_end=split, **kwargs)
 
     batches = [jobs[i : i + args.batch_size] for i in range(0, len(jobs), args.batch_size)]
     pipe.validate(**call_arguments(batches[0]))  # argument errors before any output or progress bar
     outputs = []
     for batch in tqdm(batches, desc="sampling", unit="batch", file=sys.stderr, disable=not writer):
-        images = pipe(**call_arguments(batch))
+        images = generate(batch)
         if writer:
             os.makedirs(args.out, exist_ok=True)
         for (value, index), image in zip(batch, images):
@@ -310,6 +370,10 @@ def run(args) -> int:
                 "height": args.height,
                 "width": args.width,
                 "strength": args.strength,
+                **{name: list(v) if isinstance(v, tuple) else v for name, v in _sdxl_options(args).items()},
+                "refiner": None if refiner is None else {"source": refiner.info.get("source"),
+                                                         "params_hash": refiner.params_hash},
+                "denoising_end": args.denoising_end,
                 "inputs": inputs_record,
                 "batch_invariant": not args.fast_batching,
                 "batch_size": args.batch_size,

@@ -8,6 +8,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from ldm_jax.diffusion.samplers.base import take_rows
 from ldm_jax.diffusion.samplers.driver import (
     Inpainting,
     ModelFn,
@@ -73,6 +74,78 @@ def img2img(
     noise = initial_noise(key, init.shape, indices)
     x_init = (plan.a[0] * init + plan.b[0] * noise) / plan.in_scale[0]
     return run_plan(model_fn, spec, cfg, plan, x_init, key, indices, return_trajectory=return_trajectory)
+
+
+RANGE_INITS = ("noise", "data", "state")
+
+
+def one_row_per_step(sampler: str, schedule, **sampler_options) -> bool:
+    """Whether the sampler evaluates the model once per step (its plan has ``num_steps`` rows),
+    which :func:`sample_range` needs to cut a run between steps."""
+    spec, cfg = resolve_sampler(sampler, schedule, **sampler_options)
+    return int(spec.plan(schedule, cfg, 0).t.shape[0]) == cfg.num_steps
+
+
+def sample_range(
+    model_fn: ModelFn,
+    schedule: Schedule,
+    x: jnp.ndarray | None,
+    key,
+    *,
+    shape=None,
+    start_step: int = 0,
+    stop_step: int | None = None,
+    init: str = "noise",
+    sampler: str = "ddim",
+    num_steps: int = 50,
+    example_indices=None,
+    **sampler_options,
+):
+    """Run only the sampling steps ``[start_step, stop_step)`` of a ``num_steps``-step run:
+    diffusers' ``denoising_end`` (stop early, return the partly denoised state) and
+    ``denoising_start`` (continue such a state), the SDXL base -> refiner hand-off.
+
+    The plan is the full run's (``lower_order_final`` and the like decided by ``num_steps``),
+    cut to the rows of those steps; multistep samplers start their history afresh at
+    ``start_step``, as diffusers' schedulers after ``set_begin_index``.
+
+    Args:
+      x: by ``init``: ``"noise"`` - standard-normal x_T [B, ...] (None: the per-example noise
+        of :func:`ldm_jax.diffusion.samplers.sample`, shape ``shape``), ``start_step`` 0;
+        ``"data"`` - clean data, forward-noised to the level of ``start_step`` (img2img);
+        ``"state"`` - a VP state at the noise level of ``start_step`` (what a run stopped at
+        ``start_step`` returned).
+      stop_step: None: ``num_steps`` (run to the end).
+    Returns: [B, ...] float32, the VP state after the last step run (clean data when the run
+      reaches ``num_steps``).
+    """
+    spec, cfg = resolve_sampler(sampler, schedule, num_steps=num_steps, **sampler_options)
+    if init not in RANGE_INITS:
+        raise ValueError(f"unknown init {init!r}; expected one of {RANGE_INITS}")
+    stop_step = cfg.num_steps if stop_step is None else stop_step
+    if not 0 <= start_step < stop_step <= cfg.num_steps:
+        raise ValueError(f"need 0 <= start_step={start_step} < stop_step={stop_step} <= num_steps={cfg.num_steps}")
+    if init == "noise" and start_step != 0:
+        raise ValueError("init='noise' starts at step 0; continue a stopped run with init='state'")
+    plan = spec.plan(schedule, cfg, start_step)
+    if int(plan.t.shape[0]) != cfg.num_steps - start_step:
+        raise ValueError(f"sampler {sampler!r} evaluates the model more than once per step: a run cannot be cut between steps")
+    plan = take_rows(plan, np.arange(stop_step - start_step))
+    if x is None:
+        if init != "noise" or shape is None:
+            raise ValueError("x is required unless init='noise' with a shape")
+        indices = batch_example_indices(example_indices, int(shape[0]))
+        x = initial_noise(key, tuple(int(s) for s in shape), indices)
+    x = jnp.asarray(x, jnp.float32)
+    indices = batch_example_indices(example_indices, x.shape[0])
+    if init == "noise":
+        x_init = plan.init_scale * x
+    elif init == "data":
+        noise = initial_noise(key, x.shape, indices)
+        x_init = (plan.a[0] * x + plan.b[0] * noise) / plan.in_scale[0]
+    else:
+        x_init = x / plan.in_scale[0]
+    return run_plan(model_fn, spec, cfg, plan, x_init, key, indices)
 
 
 def inpaint(

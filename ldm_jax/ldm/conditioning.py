@@ -15,6 +15,8 @@ trained, rather than frozen), ``context_dim`` (cross-attention width, or None),
 * :class:`ClassConditioner` - class ids -> the U-Net's own class embedding
   (``class_labels``), or a :class:`~ldm_jax.models.conditioning.ClassEmbedder` used as a
   one-token cross-attention ``context``; the null condition is label ``num_classes``;
+* :class:`SDXLConditioner` - SDXL's two CLIP towers (context, pooled ``text_embeds``) and
+  the per-image micro-conditioning ``time_ids``;
 * :class:`Unconditional`.
 
 ``config.conditioning.kind`` picks a builder from :data:`CONDITIONER_BUILDERS` (a new kind,
@@ -34,6 +36,7 @@ its inputs with the same functions):
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -205,7 +208,233 @@ class Unconditional(_Conditioner):
         return {}
 
 
-Conditioner = Any  # TextConditioner | ClassConditioner | Unconditional
+# ----------------------------------------------------------------------------- SDXL
+
+
+def _pairs(value, n: int, name: str) -> np.ndarray:
+    """A (height, width) / (top, left) pair, or one pair per image -> float32 [n, 2]."""
+    array = np.asarray(value, np.float64)
+    if array.shape == (2,):
+        array = np.broadcast_to(array, (n, 2))
+    if array.shape != (n, 2) or not np.all(np.isfinite(array)):
+        raise ValueError(f"{name} must be a (height, width) / (top, left) pair or {n} such pairs, got {value!r}")
+    return array.astype(np.float32)
+
+
+def _scores(value, n: int, name: str) -> np.ndarray:
+    array = np.asarray(value, np.float64)
+    if array.ndim == 0:
+        array = np.broadcast_to(array, (n,))
+    if array.shape != (n,) or not np.all(np.isfinite(array)):
+        raise ValueError(f"{name} must be a number or {n} numbers, got {value!r}")
+    return array.astype(np.float32)[:, None]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SDXLConditioner(_Conditioner):
+    """SDXL's conditioning: prompts through CLIP ViT-L/14 and OpenCLIP bigG (penultimate hidden
+    states, concatenated on the feature axis to ``context`` [B, 77, 768 + 1280]) plus bigG's
+    projected pooled output (``text_embeds``), and the per-image micro-conditioning
+    ``time_ids`` (base: original size, crop top-left, target size; refiner, ``aesthetic``:
+    original size, crop top-left, aesthetic score), as diffusers' SDXL pipelines build them.
+
+    Attributes:
+      tokenizer_2, encoder_2: OpenCLIP bigG (``CLIPTextEncoder`` with projection).
+      tokenizer, encoder: CLIP ViT-L/14, or None (the refiner has only the second encoder).
+      aesthetic: time ids carry an aesthetic score instead of the target size (the refiner,
+        diffusers' ``requires_aesthetics_score``).
+      force_zeros_for_empty_prompt: the unconditional branch without a negative prompt is all
+        zeros (context and pooled), as diffusers' SDXL pipelines and as SDXL was trained to drop
+        text; False encodes the empty prompt.
+      drop_prob: training's probability of the null (zero) text condition; the size
+        conditioning is never dropped.
+
+    Host inputs: ``ids`` (and ``ids_2``) int32 [B, 77], ``time_ids`` float32 [B, 6 | 5] and
+    ``null`` float32 [B] (1 = zero text embeddings).
+    """
+
+    tokenizer_2: CLIPTokenizer
+    encoder_2: CLIPTextEncoder
+    tokenizer: CLIPTokenizer | None = None
+    encoder: CLIPTextEncoder | None = None
+    aesthetic: bool = False
+    force_zeros_for_empty_prompt: bool = True
+    drop_prob: float = 0.0
+    kind = "sdxl"
+    has_null = True
+    params_key = "text_encoders"
+    trainable = False
+    unet_num_classes = None
+
+    def __post_init__(self):
+        if not isinstance(self.encoder_2, CLIPTextEncoder) or not self.encoder_2.with_projection:
+            raise ValueError("SDXL's second text encoder must be a CLIPTextEncoder with_projection (OpenCLIP bigG)")
+        if (self.encoder is None) != (self.tokenizer is None):
+            raise ValueError("SDXL's first text encoder and tokenizer must be given together (or neither)")
+
+    @property
+    def input_keys(self) -> tuple[str, ...]:
+        return (("ids",) if self.encoder is not None else ()) + ("ids_2", "time_ids", "null")
+
+    @property
+    def num_time_ids(self) -> int:
+        return 5 if self.aesthetic else 6
+
+    @property
+    def context_dim(self) -> int:
+        first = 0 if self.encoder is None else int(self.encoder.config.hidden_size)
+        return first + int(self.encoder_2.config.hidden_size)
+
+    @property
+    def pooled_dim(self) -> int:
+        return int(self.encoder_2.config.projection_dim)
+
+    def time_ids(self, n: int, original_size, crops_coords_top_left=(0, 0), target_size=None,
+                 aesthetic_score=6.0) -> np.ndarray:
+        """float32 [n, 6 | 5] micro-conditioning rows (``ldm_jax.models.embeddings.sdxl_time_ids``
+        order); every argument is one value for all images or one per image."""
+        if original_size is None:
+            raise ValueError("SDXL micro-conditioning needs original_size (height, width)")
+        parts = [_pairs(original_size, n, "original_size"), _pairs(crops_coords_top_left, n, "crops_coords_top_left")]
+        if self.aesthetic:
+            parts.append(_scores(aesthetic_score, n, "aesthetic_score"))
+        else:
+            if target_size is None:
+                raise ValueError("SDXL micro-conditioning needs target_size (height, width)")
+            parts.append(_pairs(target_size, n, "target_size"))
+        return np.concatenate(parts, axis=1)
+
+    def _tokens(self, prompts, prompts_2=None) -> dict[str, np.ndarray]:
+        for p in list(prompts) + list(prompts_2 or []):
+            if not isinstance(p, str):
+                raise ValueError(f"prompts must be strings, got {p!r}")
+        prompts_2 = list(prompts) if prompts_2 is None else list(prompts_2)
+        if len(prompts_2) != len(prompts):
+            raise ValueError(f"prompt_2 has {len(prompts_2)} entries, expected {len(prompts)}")
+        out = {"ids_2": np.asarray(self.tokenizer_2(prompts_2).ids, np.int32)}
+        if self.encoder is not None:
+            out["ids"] = np.asarray(self.tokenizer(list(prompts)).ids, np.int32)
+        return out
+
+    def host_inputs(self, prompts: Sequence[str], *, prompts_2: Sequence[str] | None = None, original_size=None,
+                    crops_coords_top_left=(0, 0), target_size=None, aesthetic_score=6.0) -> dict[str, np.ndarray]:
+        """Prompts (``prompts_2`` for the second encoder, default the same) and their images'
+        micro-conditioning -> host inputs."""
+        n = len(prompts)
+        out = self._tokens(prompts, prompts_2)
+        out["time_ids"] = self.time_ids(n, original_size, crops_coords_top_left, target_size, aesthetic_score)
+        out["null"] = np.zeros((n,), np.float32)
+        return out
+
+    def null_host_inputs(self, count: int, negative: Sequence[str] | None = None, *,
+                         negative_2: Sequence[str] | None = None, original_size=None, crops_coords_top_left=(0, 0),
+                         target_size=None, aesthetic_score=2.5) -> dict[str, np.ndarray]:
+        """The unconditional branch: ``negative`` prompts (``negative_2`` for the second encoder,
+        default the same), or - without one - zeros (``force_zeros_for_empty_prompt``) or the
+        empty prompt; with the negative micro-conditioning given (diffusers' defaults are the
+        caller's: see ``ldm_jax.pipeline.sdxl``)."""
+        zeros = negative is None and self.force_zeros_for_empty_prompt
+        prompts = [""] * count if negative is None else list(negative)
+        prompts_2 = negative_2 if negative_2 is not None else (None if negative is None else prompts)
+        out = self._tokens(prompts, prompts_2)
+        out["time_ids"] = self.time_ids(count, original_size, crops_coords_top_left, target_size, aesthetic_score)
+        out["null"] = np.full((count,), 1.0 if zeros else 0.0, np.float32)
+        return out
+
+    def drop(self, inputs: Mapping[str, Any], key) -> dict:
+        """Training: zero the text embeddings of each example with probability ``drop_prob``
+        (SDXL's unconditional text, sgm's ``ucg_rate``); the size conditioning stays."""
+        out = dict(inputs)
+        if self.drop_prob <= 0:
+            return out
+        null = jnp.asarray(out["null"], jnp.float32)
+        dropped = jax.random.bernoulli(key, self.drop_prob, null.shape).astype(jnp.float32)
+        out["null"] = jnp.maximum(null, dropped)
+        return out
+
+    def encode(self, params, inputs) -> dict[str, jax.Array]:
+        """-> ``{"context" [B, 77, D1 + D2], "text_embeds" [B, P], "time_ids" [B, 6 | 5]}``."""
+        contexts = []
+        if self.encoder is not None:
+            contexts.append(self.encoder.apply({"params": params["text_encoder"]}, inputs["ids"]).context)
+        second = self.encoder_2.apply({"params": params["text_encoder_2"]}, inputs["ids_2"])
+        contexts.append(second.context)
+        context = jnp.concatenate([c.astype(jnp.float32) for c in contexts], axis=-1)
+        pooled = second.text_embeds.astype(jnp.float32)
+        keep = jnp.asarray(inputs["null"]) < 0.5
+        return {
+            "context": jnp.where(keep[:, None, None], context, 0.0),
+            "text_embeds": jnp.where(keep[:, None], pooled, 0.0),
+            "time_ids": jnp.asarray(inputs["time_ids"], jnp.float32),
+        }
+
+
+Conditioner = Any  # TextConditioner | ClassConditioner | Unconditional | SDXLConditioner
+
+
+def _read_json_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"missing {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def load_clip_tokenizer(folder: str) -> CLIPTokenizer:
+    """A CLIP tokenizer folder: ``vocab.json`` + ``merges.txt`` (the Stable Diffusion repos), or
+    only the fast-tokenizer ``tokenizer.json`` (what transformers >= 5 ``save_pretrained`` writes),
+    whose BPE vocabulary and merges are the same data."""
+    if os.path.isfile(os.path.join(folder, "vocab.json")):
+        return CLIPTokenizer.from_pretrained(folder)
+    fast = _read_json_file(os.path.join(folder, "tokenizer.json"))
+    model = fast.get("model", {})
+    if model.get("type") != "BPE" or model.get("end_of_word_suffix") != "</w>":
+        raise ValueError(f"{folder}/tokenizer.json is not a CLIP BPE tokenizer")
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    config_path = os.path.join(folder, "tokenizer_config.json")
+    config = _read_json_file(config_path) if os.path.isfile(config_path) else {}
+    kwargs: dict[str, Any] = {}
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        value = config.get(key)
+        if value is not None:
+            kwargs[key] = value["content"] if isinstance(value, Mapping) else value
+    max_length = config.get("model_max_length")
+    if isinstance(max_length, int) and 2 <= max_length <= 100_000:  # transformers' "no limit" is ~1e30
+        kwargs["max_length"] = max_length
+    specials = {kwargs.get(k, "<|startoftext|>" if k == "bos_token" else "<|endoftext|>")
+                for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    normalized = {t["content"] for t in fast.get("added_tokens", []) if t.get("normalized")} & specials
+    return CLIPTokenizer(model["vocab"], merges, normalized_special_tokens=normalized, **kwargs)
+
+
+def load_sdxl_conditioner(folder: str, *, dtype: Any = jnp.float32, variant: str | None = None,
+                          aesthetic: bool | None = None) -> tuple[SDXLConditioner, dict]:
+    """``(SDXLConditioner, {"text_encoder"?, "text_encoder_2"})`` of a diffusers SDXL folder
+    (base: ``tokenizer/``, ``text_encoder/``, ``tokenizer_2/``, ``text_encoder_2/``; refiner:
+    only the second pair). ``model_index.json`` gives ``force_zeros_for_empty_prompt`` and
+    ``requires_aesthetics_score`` (``aesthetic`` None: from there, default False)."""
+    from ldm_jax.interop.transformers_clip import load_clip_text_encoder
+
+    index_path = os.path.join(folder, "model_index.json")
+    index = _read_json_file(index_path) if os.path.isfile(index_path) else {}
+    kw = dict(context_layer="penultimate", context_final_norm=False, dtype=dtype, variant=variant)
+    params = {}
+    encoder_2, params["text_encoder_2"] = load_clip_text_encoder(folder, subfolder="text_encoder_2", **kw)
+    tokenizer_2 = load_clip_tokenizer(os.path.join(folder, "tokenizer_2"))
+    encoder = tokenizer = None
+    entry = index.get("text_encoder")
+    if os.path.isdir(os.path.join(folder, "text_encoder")) and (entry is None or entry[0] is not None):
+        encoder, params["text_encoder"] = load_clip_text_encoder(folder, subfolder="text_encoder", **kw)
+        tokenizer = load_clip_tokenizer(os.path.join(folder, "tokenizer"))
+    if aesthetic is None:
+        aesthetic = bool(index.get("requires_aesthetics_score", False))
+    conditioner = SDXLConditioner(
+        tokenizer_2, encoder_2, tokenizer, encoder, aesthetic=aesthetic,
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", True)),
+    )
+    return conditioner, params
 
 
 # ----------------------------------------------------------------------------- building from a config
@@ -243,6 +472,14 @@ def _build_clip(cond, drop_prob, num_classes, has_captions):
     return TextConditioner(CLIPTokenizer.from_pretrained(tokenizer_dir), encoder, drop_prob=drop_prob), params
 
 
+def _build_sdxl(cond, drop_prob, num_classes, has_captions):
+    path = str(cond.clip_path or "")
+    if not path or not os.path.isdir(path):
+        raise ValueError(f"config.conditioning.clip_path {path!r} is not an SDXL diffusers folder")
+    conditioner, params = load_sdxl_conditioner(path)
+    return dataclasses.replace(conditioner, drop_prob=drop_prob), params
+
+
 # config.conditioning.kind -> builder(section, drop_prob, num_classes, has_captions) ->
 # (conditioner, frozen params or None). Kinds that need captions are listed in NEEDS_CAPTIONS.
 CONDITIONER_BUILDERS: dict[str, Callable[..., tuple[Conditioner, Any]]] = {
@@ -250,8 +487,9 @@ CONDITIONER_BUILDERS: dict[str, Callable[..., tuple[Conditioner, Any]]] = {
     "class": _build_class,
     "text": _build_text,
     "clip": _build_clip,
+    "sdxl": _build_sdxl,
 }
-NEEDS_CAPTIONS = ("text", "clip")
+NEEDS_CAPTIONS = ("text", "clip", "sdxl")
 assert tuple(CONDITIONER_BUILDERS) == CONDITIONING_KINDS
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ldm_jax.diffusion.editing import img2img, inpaint
+from ldm_jax.diffusion.editing import img2img, img2img_start_step, inpaint, sample_range
 from ldm_jax.diffusion.guidance import cfg_model_fn
 from ldm_jax.diffusion.samplers import per_example_normal, sample, stream_key
 from ldm_jax.ldm.conditioning import latent_mask, low_res_condition, masked_image
@@ -27,8 +27,9 @@ from ldm_jax.ldm.conditioning import latent_mask, low_res_condition, masked_imag
 # Noise streams of generation, beside the samplers' streams 0-3 (ldm_jax.diffusion.samplers.noise).
 STREAM_ENCODE = 16  # posterior sample of the init image's latents
 STREAM_ENCODE_MASKED = 17  # posterior sample of the masked image's latents (inpainting U-Nets)
+STREAM_RESUME = 18  # key of a resumed run (denoising_start), so its step noise is not the first run's
 _CONCAT = "concat"  # key of the extra input channels in the conditioning pytree
-MODES = ("text2img", "img2img", "inpaint_concat", "inpaint_replace")
+MODES = ("text2img", "img2img", "inpaint_concat", "inpaint_replace", "resume")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,10 @@ class Program:
     encode_noise: sample the posterior when encoding images (KL first stages).
     jumps: RePaint ``(jump_length, jump_n_sample)`` for known-region inpainting.
     batch_invariant: the pipeline maps the program over single images (see its docstring).
+    start_step / stop_step: run only sampling steps [start_step, stop_step) (diffusers'
+      ``denoising_start`` / ``denoising_end``; mode "resume" continues ``inputs["init_latents"]``,
+      a VP state at the level of ``start_step``; ``stop_step`` applies to text2img and img2img too).
+    decode: decode the final latents (False: ``images`` is None, e.g. a base -> refiner hand-off).
     """
 
     mode: str
@@ -52,6 +57,9 @@ class Program:
     encode_noise: bool = False
     jumps: tuple[int, int] = (1, 1)
     batch_invariant: bool = False
+    start_step: int | None = None
+    stop_step: int | None = None
+    decode: bool = True
 
 
 def generate(
@@ -70,7 +78,7 @@ def generate(
 
     params: ``{"unet", "first_stage", "conditioner"}`` (unboxed). inputs: ``index`` int [b]
     (image indices), ``cond`` (and with ``use_cfg`` ``uncond``) conditioner host inputs,
-    optionally ``image`` / ``mask`` / ``low_res`` / ``x_T``.
+    optionally ``image`` / ``mask`` / ``low_res`` / ``x_T`` / ``init_latents`` (mode "resume").
     """
     indices = inputs["index"]
     batch = indices.shape[0]
@@ -122,7 +130,20 @@ def generate(
         model = lambda x, t: model_fn(x, t, cond)  # noqa: E731
 
     common = dict(sampler=program.sampler, num_steps=program.num_steps, example_indices=indices, **dict(program.options))
-    if program.mode == "img2img" or (program.mode == "inpaint_concat" and program.strength < 1.0):
+    if program.mode == "resume":
+        latents = sample_range(
+            model, schedule, inputs["init_latents"], jax.random.fold_in(key, STREAM_RESUME),
+            start_step=program.start_step, stop_step=program.stop_step, init="state", **common,
+        )
+    elif program.stop_step is not None and program.mode == "text2img":
+        latents = sample_range(
+            model, schedule, inputs.get("x_T"), key, shape=(batch, *latent_shape), stop_step=program.stop_step, **common
+        )
+    elif program.stop_step is not None and program.mode == "img2img":
+        start = img2img_start_step(program.num_steps, program.strength)
+        latents = sample_range(model, schedule, init, key, start_step=start, stop_step=program.stop_step, init="data",
+                               **common)
+    elif program.mode == "img2img" or (program.mode == "inpaint_concat" and program.strength < 1.0):
         latents = img2img(model, schedule, init, key, strength=program.strength, **common)
     elif program.mode == "inpaint_replace":
         known = 1.0 - latent_mask(inputs["mask"], fs.factor, "max")
@@ -133,5 +154,7 @@ def generate(
         )
     else:
         latents = sample(model, schedule, (batch, *latent_shape), key, x_T=inputs.get("x_T"), **common)
+    if not program.decode:
+        return None, latents
     images = fs.decode(fs_vars, latents).astype(jnp.float32)
     return jnp.clip((images + 1.0) / 2.0, 0.0, 1.0), latents

@@ -204,7 +204,8 @@ class DiffusionModel:
         latents = batch["latents"]
         c = self.conditioner
         if self.conditioner_is_frozen:
-            cond_kwargs = {"context": batch["context"]}
+            # what prepare_batch encoded: context (SDXL: also text_embeds and time_ids)
+            cond_kwargs = {k: batch[k] for k in ("context", "text_embeds", "time_ids") if k in batch}
         else:
             inputs = c.drop(self._conditions(batch), drop_key)
             cond_kwargs = c.encode(self.conditioner_params(params, {}), inputs)

@@ -20,7 +20,7 @@ from ml_collections.config_dict import placeholder
 # ``compute_dtype`` so that this module does not import JAX.
 DTYPE_NAMES = ("float32", "bfloat16")
 FIRST_STAGE_SOURCES = ("identity", "workdir", "diffusers")
-CONDITIONING_KINDS = ("none", "class", "text", "clip")
+CONDITIONING_KINDS = ("none", "class", "text", "clip", "sdxl")
 SCHEDULES = ("linear", "scaled_linear", "cosine")
 PREDICTIONS = ("eps", "v", "x0")
 WEIGHTINGS = ("simple", "min_snr")
@@ -116,7 +116,7 @@ def conditioning_defaults() -> ml_collections.ConfigDict:
             "text_width": 128,
             "text_depth": 2,
             "text_heads": 4,
-            "clip_path": "",  # kind="clip": CLIPTextModel folder or an SD folder
+            "clip_path": "",  # kind="clip": CLIPTextModel folder or an SD folder; kind="sdxl": an SDXL folder
             "clip_context_layer": "last",  # "last" (SD 1.x) | "penultimate" (SD 2.x)
         }
     )

@@ -58,8 +58,15 @@ from ldm_jax.interop.diffusers_unet import load_diffusers_unet, save_diffusers_u
 from ldm_jax.interop.diffusers_vae import save_diffusers_autoencoder_kl, save_diffusers_vq_model
 from ldm_jax.interop.torch_weights import StateDict, load_state_dict, save_state_dict
 from ldm_jax.interop.transformers_clip import load_clip_text_encoder, save_clip_text_encoder
-from ldm_jax.ldm.conditioning import ClassConditioner, TextConditioner, Unconditional
-from ldm_jax.ldm.first_stage import PixelSpace, load_autoencoder_folder
+from ldm_jax.interop.diffusers_vae import load_diffusers_autoencoder_kl
+from ldm_jax.ldm.conditioning import (
+    ClassConditioner,
+    TextConditioner,
+    Unconditional,
+    load_clip_tokenizer,
+    load_sdxl_conditioner,
+)
+from ldm_jax.ldm.first_stage import KLFirstStage, PixelSpace, load_autoencoder_folder
 from ldm_jax.models.clip import CLIPTextEncoder
 from ldm_jax.models.conditioning import ClassEmbedder, TextTransformer
 from ldm_jax.models.tokenizers import ByteTokenizer, CLIPTokenizer
@@ -245,44 +252,17 @@ def _save_clip_tokenizer(tokenizer: CLIPTokenizer, folder: str) -> None:
     )
 
 
-def load_clip_tokenizer(folder: str) -> CLIPTokenizer:
-    """A CLIP tokenizer folder: ``vocab.json`` + ``merges.txt`` (the Stable Diffusion repos), or
-    only the fast-tokenizer ``tokenizer.json`` (what transformers >= 5 ``save_pretrained`` writes),
-    whose BPE vocabulary and merges are the same data."""
-    if os.path.isfile(os.path.join(folder, "vocab.json")):
-        return CLIPTokenizer.from_pretrained(folder)
-    fast = _read_json(os.path.join(folder, "tokenizer.json"))
-    model = fast.get("model", {})
-    if model.get("type") != "BPE" or model.get("end_of_word_suffix") != "</w>":
-        raise ValueError(f"{folder}/tokenizer.json is not a CLIP BPE tokenizer")
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    config_path = os.path.join(folder, "tokenizer_config.json")
-    config = _read_json(config_path) if os.path.isfile(config_path) else {}
-    kwargs: dict[str, Any] = {}
-    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
-        value = config.get(key)
-        if value is not None:
-            kwargs[key] = value["content"] if isinstance(value, Mapping) else value
-    max_length = config.get("model_max_length")
-    if isinstance(max_length, int) and 2 <= max_length <= 100_000:  # transformers' "no limit" is ~1e30
-        kwargs["max_length"] = max_length
-    specials = {kwargs.get(k, "<|startoftext|>" if k == "bos_token" else "<|endoftext|>")
-                for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
-    normalized = {t["content"] for t in fast.get("added_tokens", []) if t.get("normalized")} & specials
-    return CLIPTokenizer(model["vocab"], merges, normalized_special_tokens=normalized, **kwargs)
-
-
 # ----------------------------------------------------------------------------- loading
 
 
-def read_model_folder(folder: str | os.PathLike, *, dtype: Any = jnp.float32) -> dict:
+def read_model_folder(folder: str | os.PathLike, *, dtype: Any = jnp.float32, variant: str | None = None) -> dict:
     """``LatentDiffusionPipeline`` keyword arguments of an ldm_jax model folder
     (``ldm_jax.json``) or a local diffusers Stable Diffusion folder (``model_index.json``);
     ``ldm_jax.pipeline.load_model_folder`` builds the pipeline from them.
 
     ``dtype`` is the compute dtype of every module (parameters stay float32). Raises
     FileNotFoundError for a missing folder or file and ValueError for unsupported content,
-    each naming it.
+    each naming it. ``variant`` (e.g. "fp16") reads a diffusers folder's variant weight files.
     """
     folder = os.path.abspath(os.fspath(folder))
     if not os.path.isdir(folder):
@@ -290,6 +270,8 @@ def read_model_folder(folder: str | os.PathLike, *, dtype: Any = jnp.float32) ->
     for name, components in ((LDM_JAX_JSON, _ldm_jax_components), (MODEL_INDEX, _diffusers_components)):
         if os.path.isfile(os.path.join(folder, name)):
             try:
+                if components is _diffusers_components:
+                    return components(folder, dtype, variant)
                 return components(folder, dtype)
             except KeyError as e:  # a config file without an entry the format requires
                 raise ValueError(f"a config file in {folder} lacks the entry {e}") from None
@@ -314,18 +296,26 @@ def _concat_kind(unet, latent_channels: int, source: str) -> str | None:
     )
 
 
-def _diffusers_components(folder: str, dtype) -> dict:
-    """``LatentDiffusionPipeline`` keyword arguments from a diffusers Stable Diffusion folder."""
+def _diffusers_components(folder: str, dtype, variant: str | None = None) -> dict:
+    """``LatentDiffusionPipeline`` keyword arguments from a diffusers Stable Diffusion (1.x, 2.x
+    or XL: base, refiner, inpainting) folder."""
     index = _read_json(os.path.join(folder, MODEL_INDEX))
     for name, expected in (("unet", ("UNet2DConditionModel",)), ("vae", ("AutoencoderKL", "VQModel"))):
         found = _component(index, name)
         if found not in expected:
             raise ValueError(f"{MODEL_INDEX} in {folder}: component {name!r} is {found!r}, expected one of {expected}")
-    unet, unet_params = load_diffusers_unet(os.path.join(folder, "unet"), dtype=dtype)
-    first_stage, first_stage_variables = load_autoencoder_folder(os.path.join(folder, "vae"), dtype)
+    unet, unet_params = load_diffusers_unet(os.path.join(folder, "unet"), dtype=dtype, variant=variant)
+    if variant:
+        vae, vae_params = load_diffusers_autoencoder_kl(os.path.join(folder, "vae"), dtype=dtype, variant=variant)
+        first_stage, first_stage_variables = KLFirstStage(vae), {"params": vae_params}
+    else:
+        first_stage, first_stage_variables = load_autoencoder_folder(os.path.join(folder, "vae"), dtype)
     text_encoder = _component(index, "text_encoder")
     conditioner, conditioner_params = Unconditional(), None
-    if text_encoder is not None:
+    if _component(index, "text_encoder_2") is not None:
+        # SDXL (base: both encoders; refiner: only text_encoder_2)
+        conditioner, conditioner_params = load_sdxl_conditioner(folder, dtype=dtype, variant=variant)
+    elif text_encoder is not None:
         if text_encoder != "CLIPTextModel":
             raise ValueError(f"unsupported text encoder {text_encoder!r} in {folder} (only CLIPTextModel)")
         encoder, conditioner_params = load_clip_text_encoder(os.path.join(folder, "text_encoder"), dtype=dtype)

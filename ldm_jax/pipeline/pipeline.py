@@ -37,7 +37,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ldm_jax.diffusion.schedules import Schedule, make_schedule
-from ldm_jax.ldm.conditioning import CONCAT_KINDS, ClassConditioner, TextConditioner, Unconditional
+from ldm_jax.ldm.conditioning import CONCAT_KINDS, ClassConditioner, Unconditional
 from ldm_jax.ldm.first_stage import PixelSpace
 from ldm_jax.ldm.generation import Program, generate
 from ldm_jax.ldm.model import params_fingerprint
@@ -220,7 +220,21 @@ class LatentDiffusionPipeline:
                 )
         elif rows is not None:
             raise ValueError(f"the U-Net has a class embedding ({rows} rows): use a ClassConditioner")
-        gives_context = isinstance(cond, TextConditioner) or getattr(cond, "embedder", None) is not None
+        unet = self.unet
+        if (unet.addition_embed_type == "text_time") != (cond.kind == "sdxl"):
+            raise ValueError(
+                f"a U-Net with addition_embed_type={unet.addition_embed_type!r} cannot take the {cond.kind!r} conditioner "
+                "(SDXL's text_time micro-conditioning and the sdxl conditioner go together)"
+            )
+        if cond.kind == "sdxl":
+            width = cond.pooled_dim + cond.num_time_ids * unet.addition_time_embed_dim
+            if width != unet.projection_class_embeddings_input_dim:
+                raise ValueError(
+                    f"the SDXL conditioner gives {cond.pooled_dim} pooled + {cond.num_time_ids} time ids x "
+                    f"{unet.addition_time_embed_dim} = {width} features; the U-Net's add_embedding takes "
+                    f"{unet.projection_class_embeddings_input_dim} (base/refiner mismatch: aesthetic={cond.aesthetic})"
+                )
+        gives_context = cond.context_dim is not None
         if gives_context != self.unet.uses_cross_attention:
             raise ValueError(
                 f"the {cond.kind!r} conditioner {'gives' if gives_context else 'gives no'} cross-attention context "
@@ -304,7 +318,18 @@ class LatentDiffusionPipeline:
             per-image noise (text2img and known-region inpainting).
           encode_mode: "sample" (diffusers) or "mean" of the autoencoder posterior for
             init images.
-          output_type: "uint8" ([0, 255]) or "float" ([0, 1] float32).
+          output_type: "uint8" ([0, 255]), "float" ([0, 1] float32) or "latent" (return only the
+            final latents [N, h, w, c], nothing decoded; e.g. for a refiner).
+          denoising_end: in (0, 1): stop where diffusers' ``denoising_end`` stops (the steps whose
+            timestep >= round(T (1 - denoising_end))) and return the partly denoised latents (VP
+            scale) - the SDXL base half of a base -> refiner hand-off.
+          denoising_start: in (0, 1): continue ``init_latents`` (what a ``denoising_end`` run
+            returned) from diffusers' ``denoising_start`` split (the steps whose timestep <
+            round(T (1 - denoising_start))) - the refiner half.
+          SDXL (``conditioner.kind == "sdxl"``): ``prompt_2`` / ``negative_prompt_2`` (second
+            encoder's prompts), ``original_size``, ``crops_coords_top_left``, ``target_size``,
+            their ``negative_*`` versions, ``aesthetic_score`` / ``negative_aesthetic_score``
+            (refiner), defaults as diffusers (:mod:`ldm_jax.pipeline.sdxl`).
           return_latents: also return the final latents [N, h, w, c].
           pad_batch_to: pad the batch to at least this size (reuse one compiled program
             for a short last batch).
@@ -313,6 +338,8 @@ class LatentDiffusionPipeline:
         """
         request = prepare_request(self, prompts, **kwargs)
         images, final = self._run(request)
+        if request.output_type == "latent":
+            return final
         if request.output_type == "uint8":
             images = np.round(images * 255.0).astype(np.uint8)
         return (images, final) if request.return_latents else images
@@ -347,7 +374,7 @@ class LatentDiffusionPipeline:
             np.float32(request.guidance_scale),
             np.float32(request.guidance_rescale),
         )
-        return np.asarray(images)[:n], np.asarray(latents)[:n]
+        return (None if images is None else np.asarray(images)[:n]), np.asarray(latents)[:n]
 
     @staticmethod
     def _place(tree, sharding):
@@ -376,7 +403,7 @@ class LatentDiffusionPipeline:
             def one(example):
                 example = jax.tree.map(lambda a: a[None], example)
                 images, latents = self._generate(*args, example, seed, guidance_scale, guidance_rescale)
-                return images[0], latents[0]
+                return (None if images is None else images[0]), latents[0]
 
             return map_opaque_count(one, inputs)
 
@@ -411,14 +438,16 @@ def enable_compilation_cache(directory: str | None) -> None:
 
 
 def load_model_folder(
-    folder: str | os.PathLike, *, dtype: Any = jnp.float32, devices=None, batch_invariant: bool = True
+    folder: str | os.PathLike, *, dtype: Any = jnp.float32, devices=None, batch_invariant: bool = True,
+    variant: str | None = None,
 ) -> LatentDiffusionPipeline:
     """Load an ldm_jax model folder (``ldm_jax.json``) or a local diffusers Stable Diffusion
     folder (``model_index.json``) into a :class:`LatentDiffusionPipeline`.
 
-    ``dtype`` is the compute dtype of every module (parameters stay float32). Raises
+    ``dtype`` is the compute dtype of every module (parameters stay float32); ``variant``
+    (e.g. "fp16") picks diffusers' variant weight files of a diffusers folder. Raises
     FileNotFoundError for a missing folder or file and ValueError for unsupported content,
     each naming it (:func:`ldm_jax.pipeline.loading.read_model_folder`).
     """
-    kwargs = loading.read_model_folder(folder, dtype=dtype)
+    kwargs = loading.read_model_folder(folder, dtype=dtype, variant=variant)
     return LatentDiffusionPipeline(**kwargs, devices=devices, batch_invariant=batch_invariant)

@@ -10,10 +10,12 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
+from ldm_jax.diffusion.editing import img2img_start_step
 from ldm_jax.diffusion.samplers import SAMPLERS, resolve_sampler
 from ldm_jax.ldm.generation import Program
+from ldm_jax.pipeline.sdxl import SDXL_OPTIONS, sdxl_host_inputs
 
-OUTPUT_TYPES = ("uint8", "float")
+OUTPUT_TYPES = ("uint8", "float", "latent")
 ENCODE_MODES = ("sample", "mean")
 
 
@@ -122,11 +124,17 @@ def prepare_request(
     output_type: str = "uint8",
     return_latents: bool = False,
     pad_batch_to: int | None = None,
+    denoising_end: float | None = None,
+    denoising_start: float | None = None,
+    init_latents=None,
     **sampler_options,
 ) -> Request:
     """Validate the arguments of ``pipe(...)`` (:meth:`LatentDiffusionPipeline.__call__`) and
     build the host-side request."""
     fs = pipe.first_stage
+    sdxl_options = {k: sampler_options.pop(k) for k in list(sampler_options) if k in SDXL_OPTIONS}
+    if sdxl_options and pipe.conditioner.kind != "sdxl":
+        raise ValueError(f"{sorted(sdxl_options)[0]} applies to SDXL models, not to a {pipe.conditioner.kind!r}-conditioned one")
     conditions, n = _conditions(pipe, prompts, class_labels, num_images)
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"unknown output_type {output_type!r}; expected one of {OUTPUT_TYPES}")
@@ -158,6 +166,11 @@ def prepare_request(
         if (height is not None and height != size[0]) or (width is not None and width != size[1]):
             raise ValueError(f"init_image size {size[0]}x{size[1]} does not match height={height}, width={width}")
         height, width = size
+    if init_latents is not None and image is None and np.ndim(init_latents) in (3, 4):
+        # a refiner continues latents: the output size is theirs
+        h, w = np.shape(init_latents)[-3:-1]
+        height = h * fs.factor if height is None else height
+        width = w * fs.factor if width is None else width
     if height is None or width is None:
         default = pipe.default_size
         if default is None:
@@ -168,6 +181,21 @@ def prepare_request(
     latent_shape = (height // fs.factor, width // fs.factor, fs.latent_channels)
 
     mode, strength = _mode(pipe, image is not None, mask is not None, strength)
+    if denoising_start is not None:
+        if mode != "text2img" or strength is not None:
+            raise ValueError("denoising_start continues init_latents; it does not take init_image, mask or strength")
+        if init_latents is None:
+            raise ValueError("denoising_start needs init_latents (the latents a denoising_end run returned)")
+        mode = "resume"
+        z = np.asarray(init_latents, np.float32)
+        z = z[None] if z.ndim == 3 else z
+        if z.shape[1:] != latent_shape or z.shape[0] not in (1, n):
+            raise ValueError(f"init_latents shape {np.shape(init_latents)} does not match {(n,) + latent_shape}")
+        if not np.all(np.isfinite(z)):
+            raise ValueError("init_latents holds non-finite values")
+        inputs["init_latents"] = np.broadcast_to(z, (n,) + latent_shape)
+    elif init_latents is not None:
+        raise ValueError("init_latents are continued with denoising_start; pass it too")
     if image is not None:
         inputs["image"] = image
     if mask is not None:
@@ -195,14 +223,24 @@ def prepare_request(
     use_cfg = pipe.conditioner.has_null and float(guidance_scale) != 1.0
     if negative_prompt is not None and not use_cfg:
         raise ValueError("negative_prompt needs classifier-free guidance (guidance_scale != 1)")
-    inputs["cond"] = pipe.conditioner.host_inputs(conditions) if conditions is not None else {}
-    if use_cfg:
-        negatives = _as_list(negative_prompt, "negative_prompt")
-        negatives = None if negatives is None else _broadcast(negatives, n, "negative_prompt")
-        inputs["uncond"] = pipe.conditioner.null_host_inputs(n, negatives)
+    negatives = _as_list(negative_prompt, "negative_prompt") if use_cfg else None
+    negatives = None if negatives is None else _broadcast(negatives, n, "negative_prompt")
+    if pipe.conditioner.kind == "sdxl":
+        inputs["cond"], uncond = sdxl_host_inputs(
+            pipe.conditioner, conditions, negatives, n, use_cfg, (height, width), mode, sdxl_options
+        )
+        if use_cfg:
+            inputs["uncond"] = uncond
+    else:
+        inputs["cond"] = pipe.conditioner.host_inputs(conditions) if conditions is not None else {}
+        if use_cfg:
+            inputs["uncond"] = pipe.conditioner.null_host_inputs(n, negatives)
 
     options = _sampler_options(pipe, sampler, num_steps, eta, sampler_options)
     jump_length, jump_n_sample = _jumps(inpaint_jumps, mode, sampler)
+    start_step, stop_step = denoising_range(
+        pipe, sampler, int(num_steps), options, mode, strength, denoising_start, denoising_end
+    )
     program = Program(
         mode=mode,
         latent_shape=latent_shape,
@@ -214,6 +252,9 @@ def prepare_request(
         encode_noise=encode_mode == "sample" and fs.kind == "kl",
         jumps=(jump_length, jump_n_sample),
         batch_invariant=pipe.batch_invariant,
+        start_step=start_step,
+        stop_step=stop_step,
+        decode=output_type != "latent",
     )
     return Request(
         program, inputs, n, seed, float(guidance_scale), float(guidance_rescale), pad_batch_to, output_type,
@@ -229,7 +270,7 @@ def _conditions(pipe, prompts, class_labels, num_images):
     kind = pipe.conditioner.kind
     prompts = _as_list(prompts, "prompts")
     labels = _as_list(class_labels, "class_labels")
-    if kind == "text":
+    if kind in ("text", "sdxl"):
         if labels is not None:
             raise ValueError("class_labels given to a text-conditioned model")
         if prompts is None:
@@ -308,3 +349,49 @@ def _sampler_options(pipe, sampler: str, num_steps: int, eta: float, overrides: 
     return tuple(sorted(options.items()))
 
 # ------------------------------------------------------------------ execution
+
+
+def _fraction(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)) or not 0.0 < value < 1.0:
+        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
+    return float(value)
+
+
+def denoising_range(
+    pipe, sampler: str, num_steps: int, options: tuple, mode: str, strength, denoising_start, denoising_end
+):
+    """``(start_step, stop_step)`` of a run cut by diffusers' ``denoising_start`` /
+    ``denoising_end`` (None, None when neither is given).
+
+    As diffusers' SDXL pipelines, on the run's own timesteps t (one per step) and T training
+    timesteps: ``denoising_end`` keeps the steps with ``t >= round(T - denoising_end T)`` (of
+    the steps img2img's strength leaves); ``denoising_start`` runs the last
+    ``#{t < round(T - denoising_start T)}`` steps.
+    """
+    if denoising_start is None and denoising_end is None:
+        return None, None
+    start = _fraction(denoising_start, "denoising_start") if denoising_start is not None else None
+    end = _fraction(denoising_end, "denoising_end") if denoising_end is not None else None
+    if start is not None and end is not None and start >= end:
+        raise ValueError(f"denoising_start={start} must be below denoising_end={end}")
+    if mode in ("inpaint_concat", "inpaint_replace"):
+        raise ValueError("denoising_start / denoising_end apply to text2img, img2img and refinement, not inpainting")
+    spec, cfg = resolve_sampler(sampler, pipe.schedule, num_steps=num_steps, **dict(options))
+    timesteps = np.asarray(spec.plan(pipe.schedule, cfg, 0).t, np.float64)
+    if timesteps.shape[0] != cfg.num_steps:
+        raise ValueError(f"denoising_start / denoising_end need a sampler with one model evaluation per step, not {sampler!r}")
+    total = int(pipe.schedule.num_timesteps)
+    first = 0
+    if start is not None:
+        count = int(np.sum(timesteps < int(round(total - start * total))))
+        if count == 0:
+            raise ValueError(f"denoising_start={start} leaves no step of {cfg.num_steps} to run")
+        first = cfg.num_steps - count
+    elif mode == "img2img":
+        first = img2img_start_step(cfg.num_steps, strength)
+    stop = None
+    if end is not None:
+        stop = first + int(np.sum(timesteps[first:] >= int(round(total - end * total))))
+        if stop == first:
+            raise ValueError(f"denoising_end={end} leaves no step of {cfg.num_steps} to run")
+    return (first if start is not None else None), stop

@@ -293,6 +293,14 @@ def build_stage(config: Any, data_stats: Any, *, source: Any = None, run: Any = 
             out.update(c.host_inputs(batch["label"]))
         elif c.kind == "text":
             out.update(c.host_inputs(batch["caption"]))
+        elif c.kind == "sdxl":
+            # SDXL micro-conditioning per image (the SDXL paper): its size before resizing and the
+            # crop's top-left, when the data source records them; else the training size, no crop.
+            size = (int(data_stats.resolution), int(data_stats.resolution))
+            out.update(c.host_inputs(
+                list(batch["caption"]), original_size=batch.get("original_size", size),
+                crops_coords_top_left=batch.get("crop_top_left", (0, 0)), target_size=size,
+            ))
         return out
 
     task = Task(
