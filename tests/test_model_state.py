@@ -147,7 +147,7 @@ def test_vq_ema_codebook_trains_in_the_shared_loop_resumes_bit_identically_and_i
     params = {**jax.device_get(straight.state.ema_params), **a}
     stage.export(params, str(tmp_path / "export"))
     _, variables = load_diffusers_vq_model(str(tmp_path / "export"))
-    np.testing.assert_array_equal(np.asarray(variables["params"]["quantize"]["embedding"]), codebook)
+    np.testing.assert_array_equal(np.asarray(nn_unbox(variables)["params"]["quantize"]["embedding"]), codebook)
 
 
 def nn_unbox(tree):
