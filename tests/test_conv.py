@@ -131,8 +131,8 @@ def test_select_conv_impl_and_bad_names():
 
 
 def test_unet_conv_impls_match_xla_forward_and_gradients():
-    """A tiny U-Net (down/up-sampling, 1x1 shortcuts, 4x4 and 2x2 levels) with conv_impl="auto": same parameter tree, output and parameter gradients as lax.conv to float32
-    rounding (the diffusers parity tests hold for ``xla``; this carries them to the others)."""
+    """A tiny U-Net (down/up-sampling, 1x1 shortcuts, 4x4 and 2x2 levels) with conv_impl="auto":
+    same parameter tree, output and parameter gradients as lax.conv to float32 rounding (the diffusers parity tests hold for ``xla``; this carries them to the others)."""
     from ldm_jax.models.unet import UNet
 
     cfg = dict(
