@@ -131,18 +131,17 @@ def test_select_conv_impl_and_bad_names():
 
 
 def test_unet_conv_impls_match_xla_forward_and_gradients():
-    """A tiny U-Net (down/up-sampling, 1x1 shortcuts, a 2x2 bottom level) with every conv
-    formulation: same parameter tree, output and parameter gradients as lax.conv to float32
-    rounding (the diffusers parity tests hold for ``xla``; this carries them to the others)."""
+    """A tiny U-Net (down/up-sampling, 1x1 shortcuts, 4x4 and 2x2 levels) with conv_impl="auto":
+    same parameter tree, output and parameter gradients as lax.conv to float32 rounding (the diffusers parity tests hold for ``xla``; this carries them to the others)."""
     from ldm_jax.models.unet import UNet
 
     cfg = dict(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D",) * 3, up_block_types=("UpBlock2D",) * 3,
+        sample_size=4, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
         mid_block_type="UNetMidBlock2D", norm_num_groups=4, num_classes=3,
     )
     rng = np.random.default_rng(4)
-    x = jnp.asarray(rng.standard_normal((2, 8, 8, 4)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((2, 4, 4, 4)), jnp.float32)
     t, labels = jnp.asarray([3, 700]), jnp.asarray([0, 2])
     ref_unet = UNet(**cfg)
     params = jax.jit(lambda k: ref_unet.init(k, x, t, class_labels=labels)["params"])(jax.random.key(0))
@@ -158,7 +157,7 @@ def test_unet_conv_impls_match_xla_forward_and_gradients():
         return out, grads
 
     ref_out, ref_grads = run("xla")
-    for impl in ("auto", "im2col"):
+    for impl in ("auto",):  # 4x4 and 2x2 maps: every conv runs as im2col under auto on CPU
         out, grads = run(impl)
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=1e-5, atol=1e-5 * float(jnp.abs(ref_out).max()))
         assert jax.tree.structure(grads) == jax.tree.structure(ref_grads)

@@ -380,3 +380,33 @@ def test_bf16_model_keeps_float32_params_optimizer_state_ema_and_metrics():
             assert dtypes == {jnp.dtype(jnp.float32)}, dtypes
     assert {m.dtype for m in metrics.values()} == {jnp.dtype(jnp.float32)}
     assert jax.tree.structure(new_state) == jax.tree.structure(abstract)
+
+
+def test_compiled_step_traces_under_its_mesh_and_leaves_no_mesh_behind():
+    """Mesh-aware kernels (splash's shard_map) read jax.sharding.get_abstract_mesh() while the
+    step traces; outside the step no mesh is left in context (fresh arrays stay uncommitted)."""
+    from ldm_jax.models import partitioning as P
+    from ldm_jax.training import (
+        compile_train_step, create_sharded_state, logical_axis_rules, make_mesh, make_optimizer,
+        make_train_step, state_shardings,
+    )
+
+    model = P.dense(4, name="d")
+    seen = []
+
+    def init(key):
+        return model.init(key, jnp.zeros((1, 3)))["params"]
+
+    def loss(params, batch, key):
+        seen.append(jax.sharding.get_abstract_mesh())
+        return jnp.mean((model.apply({"params": params}, batch["x"]) - 1.0) ** 2), {}
+
+    mesh = make_mesh({"shape": {"data": -1, "fsdp": 1, "tensor": 1}})
+    tx, lr = make_optimizer({"schedule": "constant", "warmup_steps": 0})
+    _, shardings = state_shardings(init, tx, mesh, logical_axis_rules({"preset": "dp"}), seed=0)
+    state = create_sharded_state(init, tx, shardings, seed=0)
+    step = compile_train_step(make_train_step(loss, tx, lr, {}, {}, mesh=mesh, state_shardings=shardings), shardings, mesh)
+    state, metrics = step(state, {"x": jnp.ones((len(jax.devices()), 3))}, jax.random.key(0))
+    assert np.isfinite(float(metrics["loss"]))
+    assert seen and dict(zip(seen[0].axis_names, seen[0].axis_sizes)) == dict(mesh.shape)
+    assert jax.sharding.get_abstract_mesh().empty

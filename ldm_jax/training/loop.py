@@ -154,9 +154,7 @@ def train(
     with (guard if guard is not None else PreemptionGuard()) as active_guard:
         with Checkpointer(
             checkpoint_dir, max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save
-        ) as checkpointer, jax.set_mesh(run.mesh):
-            # The mesh in context while the step traces: mesh-aware kernels (the splash attention
-            # backend's shard_map) read it from jax.sharding.get_abstract_mesh().
+        ) as checkpointer:
             return _train(
                 run, task, batches, checkpointer, on_metrics, checkpoint_metadata, active_guard,
                 tuple(hooks), on_step, on_start,

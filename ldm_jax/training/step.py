@@ -208,8 +208,18 @@ def compile_train_step(step_fn: StepFn, state_shardings: TrainState, mesh: Mesh)
     donated, so the update happens in place), batch split over the data axes, key and
     metrics replicated."""
     replicated = mesh_lib.replicated(mesh)
+
+    @functools.wraps(step_fn)
+    def step_in_mesh(state, batch, key):
+        # The mesh in context while the step traces, so mesh-aware kernels (the splash attention
+        # backend's shard_map) see it via jax.sharding.get_abstract_mesh(). Only the abstract
+        # mesh, and only inside the trace: jax.set_mesh around the loop would also commit every
+        # array created under it to the mesh, which jit's explicit in_shardings then refuse.
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return step_fn(state, batch, key)
+
     return jax.jit(
-        step_fn,
+        step_in_mesh,
         in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh), replicated),
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
