@@ -48,12 +48,12 @@ def test_classifier_is_cached_and_reloads_without_training(trained, monkeypatch)
     np.testing.assert_array_equal(again.features(images[:16]), classifier.features(images[:16]))
 
 
-def test_training_is_deterministic_and_the_key_follows_the_spec(tmp_path):
+def test_training_is_deterministic(tmp_path):
     spec = C.ClassifierSpec(steps=3, batch_size=8)
     images, labels = _arrays("test")
     a = C.train_classifier(images, labels, 10, spec)
     b = C.train_classifier(images, labels, 10, spec)
-    for x, y in zip(np.asarray(list(_leaves(a))), np.asarray(list(_leaves(b)))):
+    for x, y in zip(_leaves(a), _leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
 
 
