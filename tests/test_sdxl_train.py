@@ -103,14 +103,14 @@ def test_tiny_sdxl_run_trains_with_per_image_micro_conditioning(sdxl_folder, tmp
     config.workdir = str(tmp_path / "probe")
     stage = diffusion.build_stage(config, dataset_stats(source), source=source)
     assert stage.model.conditioner.kind == "sdxl" and stage.model.unet.cross_attention_dim == 80
-    host = DataLoader(source, 4).get_batch(0)
+    host = DataLoader(source, 8).get_batch(0)
     batch = stage.host_batch(host)
     size = float(config.data.resolution)
-    np.testing.assert_array_equal(batch["time_ids"], np.tile([size, size, 0, 0, size, size], (4, 1)))
+    np.testing.assert_array_equal(batch["time_ids"], np.tile([size, size, 0, 0, size, size], (8, 1)))
     mesh = mesh_lib.make_mesh({"shape": {"data": -1}})
     frozen, shardings = place_frozen(stage.task.frozen_params, mesh, ())
     prepared = jax.device_get(compile_prepare_batch(stage.task, shardings, mesh)(frozen, batch, jax.random.key(0)))
-    assert prepared["context"].shape == (4, 77, 80) and prepared["text_embeds"].shape == (4, 16)
+    assert prepared["context"].shape == (8, 77, 80) and prepared["text_embeds"].shape == (8, 16)
     np.testing.assert_array_equal(prepared["time_ids"], batch["time_ids"])  # never dropped
     zero = [not c.any() for c in prepared["context"]]
     assert all(z == (not p.any()) for z, p in zip(zero, prepared["text_embeds"]))  # text dropped as a whole
