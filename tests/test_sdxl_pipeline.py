@@ -225,3 +225,58 @@ def test_sdxl_img2img_and_inpainting_run_and_validate(ours):
         base(PROMPTS, num_steps=2, original_size=(16,))
     with pytest.raises(ValueError, match="denoising_end must be a number in"):
         base(PROMPTS, num_steps=2, denoising_end=1.5)
+
+
+# Written at the end of the session; not yet run to completion on the loaded machine (the CLI
+# run itself completed and wrote its images): the lead runs these with LDM_JAX_SDXL_SLOW=1.
+@pytest.mark.skipif(not __import__("os").environ.get("LDM_JAX_SDXL_SLOW"), reason="set LDM_JAX_SDXL_SLOW=1")
+def test_sample_cli_sdxl_base_and_refiner_match_the_python_api(folders, ours, tmp_path, capsys):
+    import json
+    import os
+    import sys
+
+    from PIL import Image
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import sample
+
+    base_dir, refiner_dir, _, _ = folders
+    out = tmp_path / "out"
+    args = ["--model_dir", base_dir, "--refiner_dir", refiner_dir, "--prompt", PROMPTS[0], "--negative_prompt", "blurry",
+            "--num_samples", "2", "--batch_size", "2", "--sampler", "euler", "--steps", "4", "--guidance_scale", "5",
+            "--denoising_end", "0.6", "--original_size", "24", "20", "--crops_coords_top_left", "2", "4",
+            "--aesthetic_score", "7", "--seed", "3", "--out", out]
+    assert sample.main([str(a) for a in args]) == 0
+    sidecar = json.loads((out / "000001.json").read_text())
+    assert sidecar["original_size"] == [24, 20] and sidecar["denoising_end"] == 0.6 and sidecar["refiner"]["source"]
+    got = np.asarray(Image.open(out / "000001.png"))
+    base, refiner = ours
+    want = base_then_refiner(
+        base, refiner, [PROMPTS[0]] * 2, denoising_end=0.6, negative_prompt="blurry", sampler="euler", num_steps=4,
+        guidance_scale=5.0, original_size=(24, 20), crops_coords_top_left=(2, 4), aesthetic_score=7.0, seed=3,
+    )
+    np.testing.assert_array_equal(got, want[1])
+    capsys.readouterr()
+    bad = ["--model_dir", base_dir, "--prompt", "x", "--denoising_end", "1.5", "--out", tmp_path / "bad"]
+    assert sample.main([str(a) for a in bad]) == 2
+    assert "--denoising_end must be in (0, 1)" in capsys.readouterr().err
+
+
+# Written at the end of the session; not yet run to completion on the loaded machine (the CLI
+# run itself completed and wrote its images): the lead runs these with LDM_JAX_SDXL_SLOW=1.
+@pytest.mark.skipif(not __import__("os").environ.get("LDM_JAX_SDXL_SLOW"), reason="set LDM_JAX_SDXL_SLOW=1")
+def test_sdxl_pipelines_save_as_folders_diffusers_and_ldm_jax_load(ours, tmp_path):
+    """save_model_folder of the base and the refiner: diffusers' SDXL pipelines load them with
+    the same tensors; our reload gives the same latents, bit for bit."""
+    from ldm_jax.pipeline import save_model_folder
+
+    for pipe, cls in zip(ours, (StableDiffusionXLPipeline, StableDiffusionXLImg2ImgPipeline)):
+        folder = save_model_folder(pipe, tmp_path / cls.__name__)
+        theirs = cls.from_pretrained(folder)
+        assert (theirs.text_encoder is None) == (pipe.conditioner.encoder is None)
+        kernel = pipe.params["conditioner"]["text_encoder_2"]["text_projection"]["kernel"]
+        np.testing.assert_array_equal(theirs.text_encoder_2.text_projection.weight.detach().numpy(), np.asarray(kernel).T)
+        again = LatentDiffusionPipeline.from_pretrained(folder)
+        assert again.conditioner.aesthetic == pipe.conditioner.aesthetic
+        kw = dict(sampler="ddim", num_steps=2, output_type="latent", seed=1)
+        np.testing.assert_array_equal(again(PROMPTS[:1], **kw), pipe(PROMPTS[:1], **kw))

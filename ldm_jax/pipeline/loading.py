@@ -42,6 +42,7 @@ can load (KL autoencoder, CLIP text encoder, no or inpainting concat).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -376,6 +377,11 @@ def _ldm_jax_components(folder: str, dtype) -> dict:
             raise ValueError(f"unsupported tokenizer {cond.get('tokenizer')!r} for text_transformer (only 'byte')")
         encoder, conditioner_params = load_conditioner_module(os.path.join(folder, "conditioner"), dtype)
         conditioner = TextConditioner(ByteTokenizer(int(cond.get("max_length", encoder.max_length))), encoder)
+    elif cond["kind"] == "sdxl":
+        conditioner, conditioner_params = load_sdxl_conditioner(folder, dtype=dtype, aesthetic=bool(cond["aesthetic"]))
+        conditioner = dataclasses.replace(
+            conditioner, force_zeros_for_empty_prompt=bool(cond.get("force_zeros_for_empty_prompt", True))
+        )
     elif cond["kind"] != "none":
         raise ValueError(f"unknown conditioning {cond!r} in {LDM_JAX_JSON}")
     return dict(
@@ -397,6 +403,9 @@ def _ldm_jax_components(folder: str, dtype) -> dict:
 
 
 def _conditioning_spec(conditioner) -> dict:
+    if conditioner.kind == "sdxl":
+        return {"kind": "sdxl", "aesthetic": bool(conditioner.aesthetic),
+                "force_zeros_for_empty_prompt": bool(conditioner.force_zeros_for_empty_prompt)}
     if isinstance(conditioner, Unconditional):
         return {"kind": "none"}
     if isinstance(conditioner, ClassConditioner):
@@ -454,7 +463,14 @@ def save_model_folder(
 
     conditioner = pipe.conditioner
     cond_spec = _conditioning_spec(conditioner)
-    if cond_spec["kind"] == "text" and cond_spec["encoder"] == "clip":
+    if cond_spec["kind"] == "sdxl":
+        pairs = [("text_encoder_2", "tokenizer_2", conditioner.encoder_2, conditioner.tokenizer_2)]
+        if conditioner.encoder is not None:
+            pairs.insert(0, ("text_encoder", "tokenizer", conditioner.encoder, conditioner.tokenizer))
+        for enc_dir, tok_dir, encoder, tokenizer in pairs:
+            save_clip_text_encoder(os.path.join(tmp, enc_dir), encoder.config, params["conditioner"][enc_dir])
+            _save_clip_tokenizer(tokenizer, os.path.join(tmp, tok_dir))
+    elif cond_spec["kind"] == "text" and cond_spec["encoder"] == "clip":
         save_clip_text_encoder(os.path.join(tmp, "text_encoder"), conditioner.encoder.config, params["conditioner"])
         _save_clip_tokenizer(conditioner.tokenizer, os.path.join(tmp, "tokenizer"))
     elif cond_spec["kind"] == "text":
@@ -466,7 +482,30 @@ def save_model_folder(
         write_scheduler_config(pipe.schedule_config, pipe.prediction, pipe.sampler_defaults),
         os.path.join(tmp, SCHEDULER_CONFIG),
     )
-    if fs.kind == "kl" and cond_spec.get("encoder") == "clip" and pipe.concat in (None, "inpainting"):
+    if fs.kind == "kl" and cond_spec["kind"] == "sdxl" and pipe.concat in (None, "inpainting"):
+        refiner = conditioner.encoder is None
+        name = "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline"
+        if pipe.concat == "inpainting":
+            name = "StableDiffusionXLInpaintPipeline"
+        text = {} if refiner else {"text_encoder": ["transformers", "CLIPTextModel"],
+                                   "tokenizer": ["transformers", "CLIPTokenizer"]}
+        _write_json(
+            {
+                "_class_name": name,
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": [None, None],
+                "tokenizer": [None, None],
+                **text,
+                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "DDIMScheduler"],
+                "force_zeros_for_empty_prompt": cond_spec["force_zeros_for_empty_prompt"],
+                **({"requires_aesthetics_score": cond_spec["aesthetic"]} if refiner or pipe.concat else {}),
+            },
+            os.path.join(tmp, MODEL_INDEX),
+        )
+    elif fs.kind == "kl" and cond_spec.get("encoder") == "clip" and pipe.concat in (None, "inpainting"):
         pipeline_class = "StableDiffusionPipeline" if pipe.concat is None else "StableDiffusionInpaintPipeline"
         _write_json(
             {

@@ -85,7 +85,7 @@ def preview_conditions(model: DiffusionModel, preview: Any, source: Any = None) 
         labels = np.repeat(np.asarray(rows, np.int32), columns)
         n = len(labels)
         return c.host_inputs(labels), c.null_host_inputs(n), n, [str(r) for r in rows]
-    if c.kind == "text":
+    if c.kind in ("text", "sdxl"):
         prompts = [str(p) for p in (preview.prompts or [])]
         if not prompts and source is not None:
             seen = []
@@ -101,6 +101,10 @@ def preview_conditions(model: DiffusionModel, preview: Any, source: Any = None) 
         prompts = prompts[: int(preview.max_rows)]
         captions = [p for p in prompts for _ in range(columns)]
         n = len(captions)
+        if c.kind == "sdxl":  # micro-conditioning: the training size, no crop
+            size = (model.latent_size * model.first_stage.adapter.factor,) * 2
+            micro = dict(original_size=size, target_size=size)
+            return c.host_inputs(captions, **micro), c.null_host_inputs(n, **micro), n, prompts
         return c.host_inputs(captions), c.null_host_inputs(n), n, prompts
     n = int(preview.num_images)
     return {}, None, n, []
