@@ -77,14 +77,23 @@ def train_step(
     microbatch_sharding: NamedSharding | None = None,
     grad_shardings: Any = None,
     loss_takes_step: bool = False,
+    frozen: Any = None,
+    loss_takes_frozen: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update on ``batch`` (a tree of [B, ...] arrays).
+
+    With ``loss_takes_frozen`` the loss is ``loss_fn(params, batch, key, frozen)`` (before a
+    ``step`` argument): a frozen network the loss runs (the U-Net under a ControlNet or a
+    LoRA), passed to the jitted step as an argument, so it is neither trained nor compiled in.
 
     Returns the new state and replicated float32 metrics: ``loss`` and every ``aux`` entry
     (means over the global batch), ``grad_norm`` (global norm before clipping), ``lr`` (the
     rate of this update), ``ema_decay`` and ``finite`` (1.0, or 0.0 when the loss or the
     gradient was NaN/inf, in which case the returned state is the input state unchanged).
     """
+    if loss_takes_frozen:
+        frozen_loss_fn = loss_fn
+        loss_fn = lambda params, batch, key, *step: frozen_loss_fn(params, batch, key, frozen, *step)  # noqa: E731
     if loss_takes_step:
         # Losses with a schedule of their own (e.g. the discriminator starting at step N) see
         # the number of updates done so far, as a traced scalar.
@@ -158,6 +167,7 @@ def make_train_step(
     mesh: Mesh | None = None,
     state_shardings: TrainState | None = None,
     loss_takes_step: bool = False,
+    loss_takes_frozen: bool = False,
 ) -> StepFn:
     """``train_step`` with its static pieces bound: a pure ``(state, batch, key) -> (state,
     metrics)``. With ``mesh``/``state_shardings`` the microbatches and gradient accumulators
@@ -177,14 +187,28 @@ def make_train_step(
         microbatch_sharding=mesh_lib.batch_sharding(mesh) if mesh is not None else None,
         grad_shardings=state_shardings.params if state_shardings is not None else None,
         loss_takes_step=loss_takes_step,
+        loss_takes_frozen=loss_takes_frozen,
     )
 
 
-def compile_train_step(step_fn: StepFn, state_shardings: TrainState, mesh: Mesh) -> StepFn:
+def compile_train_step(
+    step_fn: StepFn, state_shardings: TrainState, mesh: Mesh, frozen_shardings: Any = None
+) -> StepFn:
     """``jax.jit`` of ``step_fn`` with explicit shardings: state as ``state_shardings`` (and
     donated, so the update happens in place), batch split over the data axes, key and
-    metrics replicated."""
+    metrics replicated. ``frozen_shardings``: the step takes a fourth argument, the frozen
+    params (``frozen=``), sharded so (not donated)."""
     replicated = mesh_lib.replicated(mesh)
+    if frozen_shardings is not None:
+        def step_with_frozen(state, batch, key, frozen):
+            return step_fn(state, batch, key, frozen=frozen)
+
+        return jax.jit(
+            step_with_frozen,
+            in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh), replicated, frozen_shardings),
+            out_shardings=(state_shardings, replicated),
+            donate_argnums=(0,),
+        )
     return jax.jit(
         step_fn,
         in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh), replicated),
