@@ -97,7 +97,8 @@ def _config(base, steps=3):
     c.controlnet.base = str(base)
     c.train.num_steps = steps
     c.train.global_batch_size = 8
-    c.optimizer.warmup_steps = 1
+    c.optimizer.warmup_steps = 0
+    c.optimizer.schedule = "constant"  # a non-zero rate at every step (cosine ends at 0)
     # Large, so three steps move every ControlNet param (zero convolutions pass gradients on
     # only once they are non-zero: the embedding's first convs move at step 3).
     c.optimizer.learning_rate = 1e-2
