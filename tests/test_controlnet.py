@@ -81,16 +81,15 @@ def ref(tmp_path_factory):
     t = np.array([5.0, 600.0], np.float32)
     ctx = rng.standard_normal((2, 5, 32)).astype(np.float32)
     conds = [rng.uniform(0, 1, (2, 3, 32, 32)).astype(np.float32) for _ in nets]
-    # Eager (op-by-op) calls: for these tiny networks dispatching the ops is much faster than
-    # compiling them, and each network runs only a few times.
-    def cn_fwd(cn, p, x, t, c, img, s):
-        return cn.apply({"params": p}, x, t, c, img, conditioning_scale=s)
-
-    def unet_fwd(p, x, t, c, down, mid):
-        return unet.apply(
+    cn_fwd = jax.jit(
+        lambda cn, p, x, t, c, img, s: cn.apply({"params": p}, x, t, c, img, conditioning_scale=s),
+        static_argnums=0,
+    )
+    unet_fwd = jax.jit(
+        lambda p, x, t, c, down, mid: unet.apply(
             {"params": p}, x, t, c, down_block_additional_residuals=down, mid_block_additional_residual=mid
         )
-
+    )
     j = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1) if a.ndim == 4 else a)  # noqa: E731
     return dict(unet_t=unet_t, nets=nets, unet=unet, unet_params=unet_params, x=x, t=t, ctx=ctx, conds=conds,
                 cn_fwd=cn_fwd, unet_fwd=unet_fwd, j=j)
@@ -200,7 +199,8 @@ def test_controlnet_on_class_conditional_unet_without_attention_starts_as_identi
     x = jnp.asarray(rng.standard_normal((2, 8, 8, 4), np.float32))
     labels = jnp.array([0, 3])  # 3 = the null label
 
-    def run(cn_params, image):  # eager: faster than compiling for this tiny network
+    @jax.jit
+    def run(cn_params, image):
         down, mid = controlnet.apply({"params": cn_params}, x, 7.0, None, image, 1.0, class_labels=labels)
         with_cn = unet.apply({"params": unet_params}, x, 7.0, None, labels,
                              down_block_additional_residuals=down, mid_block_additional_residual=mid)
