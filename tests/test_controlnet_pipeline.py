@@ -155,9 +155,11 @@ def test_control_image_resized_like_diffusers_image_processor(sd):
     processor = VaeImageProcessor(vae_scale_factor=2, do_convert_rgb=True, do_normalize=False)
     want = processor.preprocess(Image.fromarray(image), height=SIZE, width=SIZE).numpy().transpose(0, 2, 3, 1)
     got = control_image_array(image, "control_image", 1, 3, SIZE, SIZE)
-    # PIL Lanczos on uint8 (diffusers) vs on float32 ("F" mode, ours): within one grey level.
     assert got.shape == want.shape == (1, SIZE, SIZE, 3)
-    assert np.abs(got - want).max() <= 1.0 / 255 + 1e-6
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    # One channel is repeated to the ControlNet's three (diffusers' convert_rgb).
+    gray = control_image_array(image[..., :1], "control_image", 2, 3, 24, 20)
+    assert gray.shape == (2, 24, 20, 3) and (gray == image[None, ..., :1] / np.float32(255)).all()
 
 
 def test_sample_cli_controlnet_flags(sd, tmp_path, capsys):

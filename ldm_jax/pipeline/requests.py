@@ -77,7 +77,8 @@ def control_image_array(image, name: str, n: int, channels: int, height: int, wi
     """A ControlNet control image as diffusers' ControlNet pipelines prepare it: uint8 or
     float [0, 1] [H, W(, C)] / [N, H, W, C] (or PIL) -> float32 [n, height, width, channels] in
     [0, 1] (not normalised to [-1, 1]); one channel is repeated to RGB, another size is resized
-    with Lanczos (VaeImageProcessor's default resample)."""
+    with Lanczos (VaeImageProcessor's default resample; on the 8-bit values for uint8 input, as
+    diffusers does for PIL images)."""
     from PIL import Image
 
     array = np.asarray(image)
@@ -87,24 +88,32 @@ def control_image_array(image, name: str, n: int, channels: int, height: int, wi
         array = array[None]
     if array.ndim != 4 or array.shape[-1] not in (1, 3) or (array.shape[-1] == 3 and channels == 1):
         raise ValueError(f"{name} must be [H, W], [H, W, 1|{channels}] or [N, H, W, C], got shape {np.shape(image)}")
+    if array.shape[0] not in (1, n):
+        raise ValueError(f"{name} holds {array.shape[0]} images, expected 1 or num_images={n}")
     if array.dtype == np.uint8:
+        if array.shape[1:3] != (height, width):  # 8-bit Lanczos, as diffusers resizes PIL images
+            array = np.stack([
+                np.stack([
+                    np.asarray(Image.fromarray(im[..., c]).resize((width, height), Image.Resampling.LANCZOS))
+                    for c in range(im.shape[-1])
+                ], axis=-1)
+                for im in array
+            ])
         array = array.astype(np.float32) / 255.0
     elif np.issubdtype(array.dtype, np.floating):
         array = array.astype(np.float32)
         if array.size and (array.min() < 0.0 or array.max() > 1.0):
             raise ValueError(f"float {name} must lie in [0, 1], got range [{array.min()}, {array.max()}]")
+        if array.shape[1:3] != (height, width):
+            array = np.stack([
+                np.stack([
+                    np.asarray(Image.fromarray(im[..., c], mode="F").resize((width, height), Image.Resampling.LANCZOS))
+                    for c in range(im.shape[-1])
+                ], axis=-1)
+                for im in array
+            ]).clip(0.0, 1.0)
     else:
         raise ValueError(f"{name} must be uint8 or float in [0, 1], got dtype {array.dtype}")
-    if array.shape[0] not in (1, n):
-        raise ValueError(f"{name} holds {array.shape[0]} images, expected 1 or num_images={n}")
-    if array.shape[1:3] != (height, width):
-        array = np.stack([
-            np.stack([
-                np.asarray(Image.fromarray(im[..., c], mode="F").resize((width, height), Image.Resampling.LANCZOS))
-                for c in range(im.shape[-1])
-            ], axis=-1)
-            for im in array
-        ]).clip(0.0, 1.0)
     if array.shape[-1] != channels:
         array = np.repeat(array, channels, axis=-1)
     return np.broadcast_to(array, (n, height, width, channels))
