@@ -146,7 +146,7 @@ def test_controlnet_pipeline_bad_inputs_raise_one_line_errors(sd):
         sd["controlled"].validate(PROMPTS, control_image=[sd["controls"][0], sd["controls"][0]], num_steps=STEPS)
 
 
-def test_control_image_resized_like_diffusers_image_processor(sd):
+def test_control_image_resized_like_diffusers_image_processor():
     from diffusers.image_processor import VaeImageProcessor
 
     from ldm_jax.pipeline.requests import control_image_array
