@@ -7,6 +7,8 @@ a training workdir.
     python sample.py --model_dir MODEL --class 0 1 2 --guidance_scale 3 --out samples/
     python sample.py --model_dir MODEL --prompt "..." --init_image in.png --strength 0.6 --out samples/
     python sample.py --model_dir MODEL --prompt "..." --init_image in.png --mask mask.png --out samples/
+    python sample.py --model_dir MODEL --prompt "..." --controlnet CN --control_image edges.png \
+        --controlnet_scale 0.8 --out samples/     # repeat --controlnet/--control_image for several
 
 ``--num_samples`` images are made per prompt / class (or in total for an unconditional
 model). Image k of condition c has the image index ``start_index + c * num_samples + k``; its
@@ -81,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     sdxl.add_argument("--refiner_dir", default=None, help="SDXL refiner folder: the base hands over at --denoising_end")
     sdxl.add_argument("--denoising_end", type=float, default=None, help="base/refiner split in (0, 1) (default 0.8)")
     sdxl.add_argument("--variant", default=None, help="diffusers weight variant, e.g. fp16")
+    p.add_argument("--controlnet", action="append", default=None, metavar="DIR",
+                   help="a diffusers ControlNet folder (repeatable: several ControlNets, one --control_image each)")
+    p.add_argument("--control_image", action="append", default=None, metavar="PNG",
+                   help="the control image of each --controlnet, in order (resized to the image size)")
+    p.add_argument("--controlnet_scale", action="append", type=float, default=None, metavar="S",
+                   help="conditioning scale of each --controlnet (one value for all; default 1.0)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--compilation_cache", default=None, metavar="DIR", help="persistent XLA compilation cache dir")
     p.add_argument(
@@ -154,6 +162,14 @@ def _check_args(args) -> None:
         raise BadInput("--strength needs --init_image")
     if args.mask is not None and args.init_image is None:
         raise BadInput("--mask needs --init_image")
+    nets, controls, scales = (len(args.controlnet or ()), len(args.control_image or ()), len(args.controlnet_scale or ()))
+    if nets != controls:
+        raise BadInput(f"{nets} --controlnet folder(s) but {controls} --control_image(s): give one per ControlNet")
+    if scales not in (0, 1, nets):
+        raise BadInput(f"{scales} --controlnet_scale values for {nets} --controlnet folder(s)")
+    for folder in args.controlnet or ():
+        if not os.path.isdir(folder):
+            raise BadInput(f"ControlNet folder not found: {folder}")
     if args.config is not None and args.workdir is None:
         raise BadInput("--config applies to --workdir only")
     if args.step is not None and args.workdir is None:
@@ -224,6 +240,10 @@ def _regenerate_command(args, kind: str, value, index: int) -> str:
     for flag in ("init_image", "mask", "low_res"):
         if getattr(args, flag) is not None:
             cmd += [f"--{flag}", os.path.abspath(getattr(args, flag))]
+    for folder, image in zip(args.controlnet or (), args.control_image or ()):
+        cmd += ["--controlnet", os.path.abspath(folder), "--control_image", os.path.abspath(image)]
+    for scale in args.controlnet_scale or ():
+        cmd += ["--controlnet_scale", repr(scale)]
     if args.strength is not None:
         cmd += ["--strength", repr(args.strength)]
     for name, value in _sdxl_options(args).items():
@@ -254,6 +274,7 @@ def run(args) -> int:
     for name, label in (("init_image", "init image"), ("mask", "mask"), ("low_res", "low-res image")):
         if getattr(args, name) is not None:
             files[name] = _read_image(getattr(args, name), label)
+    controls = [_read_image(path, "control image") for path in args.control_image or ()]
     if "mask" in files and files["mask"].size != files["init_image"].size:
         (mw, mh), (iw, ih) = files["mask"].size, files["init_image"].size
         raise BadInput(f"mask size {mh}x{mw} does not match init image size {ih}x{iw}")
@@ -277,6 +298,17 @@ def run(args) -> int:
 
         refiner = load_model_folder(args.refiner_dir, batch_invariant=not args.fast_batching, variant=args.variant)
     images_in = {}
+    if args.controlnet:
+        from ldm_jax.interop.diffusers_controlnet import load_diffusers_controlnet
+
+        nets = [load_diffusers_controlnet(folder) for folder in args.controlnet]
+        pipe = pipe.with_controlnets(nets)
+        # Grayscale control images stay one channel for 1-channel ControlNets, else RGB (diffusers' convert_rgb).
+        images_in["control_image"] = [
+            _pixels(image, 1 if cn.conditioning_channels == 1 else 3) for image, (cn, _) in zip(controls, nets)
+        ]
+        scales = args.controlnet_scale or [1.0]
+        images_in["controlnet_scale"] = scales * len(nets) if len(scales) == 1 else list(scales)
     if "init_image" in files:
         images_in["init_image"] = _pixels(files["init_image"], pipe.first_stage.image_channels)
     if "mask" in files:
@@ -307,8 +339,14 @@ def run(args) -> int:
     }
     inputs_record = {
         name: {"path": os.path.abspath(getattr(args, name)), "sha256": _file_sha256(getattr(args, name))}
-        for name in images_in
+        for name in images_in if name in ("init_image", "mask", "low_res")
     }
+    if args.controlnet:
+        inputs_record["controlnets"] = [
+            {"folder": os.path.abspath(folder), "control_image": os.path.abspath(image),
+             "sha256": _file_sha256(image), "scale": scale}
+            for folder, image, scale in zip(args.controlnet, args.control_image, images_in["controlnet_scale"])
+        ]
     def call_arguments(batch):
         conditions = [value for value, _ in batch]
         return dict(

@@ -209,3 +209,34 @@ def test_controlnet_on_class_conditional_unet_without_attention_starts_as_identi
     down, with_cn, plain = run(params, jnp.ones((2, 32, 32, 1)))
     assert [d.shape for d in down] == [(2, 8, 8, 8), (2, 8, 8, 8), (2, 4, 4, 8), (2, 4, 4, 16)]
     np.testing.assert_array_equal(np.asarray(with_cn), np.asarray(plain))
+
+
+def test_shapes_control_mask_is_the_coverage_the_image_was_blended_with():
+    """The control mask is the shape's coverage: image = background + mask * (shape - background)
+    with the example's own colours (from its spec), so the mask is recovered from the image;
+    edges lie inside the mask, on its boundary (zero in the 3x3-eroded interior)."""
+    from ldm_jax.data import build_dataset
+    from ldm_jax.data.shapes import BACKGROUND_COLORS, SHAPE_COLORS
+
+    masks = build_dataset({"name": "shapes", "resolution": 24, "shapes_num_examples": 6, "shapes_control": "mask"})
+    edges = build_dataset({"name": "shapes", "resolution": 24, "shapes_num_examples": 6, "shapes_control": "edges"})
+    for i in range(6):
+        example, spec = masks[i], masks.spec(i)
+        bg = np.asarray(BACKGROUND_COLORS[spec.background], np.float32) * 2 / 255 - 1
+        fg = np.asarray(SHAPE_COLORS[spec.color], np.float32) * 2 / 255 - 1
+        channel = int(np.argmax(np.abs(fg - bg)))
+        recovered = (example["image"][..., channel] - bg[channel]) / (fg[channel] - bg[channel])
+        assert example["control"].shape == (24, 24, 1) and example["control"].dtype == np.float32
+        np.testing.assert_allclose(example["control"][..., 0], recovered, atol=1e-5)
+        assert 0 < example["control"].sum() < 24 * 24 and np.array_equal(example["image"], edges[i]["image"])
+        edge = edges[i]["control"][..., 0]
+        mask = example["control"][..., 0]
+        assert (edge <= mask + 1e-6).all() and edge.sum() > 0
+        interior = np.ones_like(mask, bool)
+        padded = np.pad(mask, 2)
+        for di in range(5):
+            for dj in range(5):
+                interior &= padded[di:di + 24, dj:dj + 24] >= 1.0  # full coverage in the 5x5 neighbourhood
+        assert (edge[interior] == 0).all()
+    with pytest.raises(ValueError, match="unknown shapes control 'depth'"):
+        build_dataset({"name": "shapes", "shapes_control": "depth"})

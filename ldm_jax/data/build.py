@@ -17,6 +17,7 @@ Keys (all optional except as noted, None meaning the default; plain dicts work t
     shapes_num_examples default 100_000
     shapes_seed         content seed of the generated shapes (default 0)
     shapes_label_mode   "shape" | "color" | "shape_color" (default "shape")
+    shapes_control      None | "mask" | "edges": add a ``control`` image per example (ControlNet)
     interpolation       digits resize filter (default "bilinear")
 """
 
@@ -32,7 +33,7 @@ KNOWN_KEYS = frozenset(
         "name", "resolution", "channels", "split", "seed", "shuffle", "num_threads",
         "data_dir", "image_key", "label_key", "caption_key",
         "path", "folder_labels", "folder_verify",
-        "shapes_num_examples", "shapes_seed", "shapes_label_mode",
+        "shapes_num_examples", "shapes_seed", "shapes_label_mode", "shapes_control",
         "interpolation",
     }
 )  # fmt: skip
@@ -80,6 +81,7 @@ def build_dataset(config: Any) -> DataSource:
             num_examples=cfg.get("shapes_num_examples", 100_000),
             seed=cfg.get("shapes_seed", 0),
             label_mode=cfg.get("shapes_label_mode", "shape"),
+            control=cfg.get("shapes_control"),
         )
     if name == "folder":
         from ldm_jax.data.folder import ImageFolderSource

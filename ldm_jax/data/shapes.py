@@ -55,6 +55,10 @@ POSITION_PHRASES = {
     (2, 2): "at the bottom right",
 }
 LABEL_MODES = ("shape", "color", "shape_color")
+# ``control``: what ``source[i]["control"]`` holds (float32 [res, res, 1] in [0, 1]), the
+# control image of a ControlNet: the shape's pixel coverage ("mask", exact area-averaged) or its
+# outline ("edges": coverage minus its 3x3 erosion, a band about a pixel wide on the inside).
+CONTROL_KINDS = ("mask", "edges")
 _CELL_MARGIN = 0.06
 _IMAGE_MARGIN = 0.01
 # A background must differ from the shape colour by this much (RGB Euclidean) to be used.
@@ -123,6 +127,7 @@ class ShapesSource:
       num_examples: the dataset length; generation is cheap, so make it large.
       seed: content seed (independent of the loader's shuffle seed).
       label_mode: "shape" (5 classes), "color" (8) or "shape_color" (40, shape-major).
+      control: None, or "mask" / "edges" (see ``CONTROL_KINDS``): add ``control`` to each example.
     """
 
     name = "shapes"
@@ -135,6 +140,7 @@ class ShapesSource:
         num_examples: int = 100_000,
         seed: int = 0,
         label_mode: str = "shape",
+        control: str | None = None,
     ):
         self.resolution = check_resolution(resolution)
         self.channels = check_channels(channels, allow_none=False)
@@ -144,6 +150,9 @@ class ShapesSource:
             raise ValueError(f"shapes seed must be a non-negative integer, got {seed!r}")
         if label_mode not in LABEL_MODES:
             raise ValueError(f"unknown shapes label_mode {label_mode!r}; expected one of {LABEL_MODES}")
+        if control is not None and control not in CONTROL_KINDS:
+            raise ValueError(f"unknown shapes control {control!r}; expected None or one of {CONTROL_KINDS}")
+        self.control = control
         self.num_examples = int(num_examples)
         self.seed = int(seed)
         self.label_mode = label_mode
@@ -236,6 +245,18 @@ class ShapesSource:
             np.asarray(SHAPE_COLORS[spec.color], np.float32),
         )
 
+    def control_image(self, spec: ShapeSpec, kind: str = "mask") -> np.ndarray:
+        """float32 [res, res, 1] in [0, 1]: the shape's coverage ("mask") or outline ("edges")."""
+        if kind not in CONTROL_KINDS:
+            raise ValueError(f"unknown shapes control {kind!r}; expected one of {CONTROL_KINDS}")
+        mask = self._compose(spec, np.zeros(1, np.float32), np.ones(1, np.float32))
+        if kind == "edges":
+            padded = np.pad(mask[..., 0], 1)
+            res = self.resolution
+            eroded = np.min([padded[i:i + res, j:j + res] for i in range(3) for j in range(3)], axis=0)
+            mask = np.clip(mask - eroded[..., None], 0.0, 1.0)
+        return mask
+
     def label_of(self, spec: ShapeSpec) -> int:
         if self.label_mode == "shape":
             return SHAPE_NAMES.index(spec.shape)
@@ -254,8 +275,11 @@ class ShapesSource:
             if self.channels == 1:
                 color = color @ _LUMA_WEIGHTS[:, None]
             colors.append(color * np.float32(2.0 / 255.0) - np.float32(1.0))
-        return {
+        example = {
             "image": self._compose(spec, *colors),
             "label": np.int32(self.label_of(spec)),
             "caption": spec.caption,
         }
+        if self.control is not None:
+            example["control"] = self.control_image(spec, self.control)
+        return example

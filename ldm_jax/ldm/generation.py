@@ -78,7 +78,11 @@ def generate(
 
     params: ``{"unet", "first_stage", "conditioner"}`` (unboxed). inputs: ``index`` int [b]
     (image indices), ``cond`` (and with ``use_cfg`` ``uncond``) conditioner host inputs,
-    optionally ``image`` / ``mask`` / ``low_res`` / ``x_T`` / ``init_latents`` (mode "resume").
+    optionally ``image`` / ``mask`` / ``low_res`` / ``x_T`` / ``init_latents`` (mode "resume"),
+    and ``control``: ControlNet
+    inputs ``((image [b, H, W, C] in [0, 1], scale [b]), ...)`` for a
+    :class:`~ldm_jax.models.controlnet.ControlledUNet` ``unet`` (then ``params["unet"]`` is
+    ``{"unet", "controlnets"}``).
     """
     indices = inputs["index"]
     batch = indices.shape[0]
@@ -107,6 +111,12 @@ def generate(
         channels = jnp.concatenate(extra, axis=-1)
         cond = {**cond, _CONCAT: channels}
         uncond = None if uncond is None else {**uncond, _CONCAT: channels}
+
+    if "control" in inputs:
+        # ControlNet inputs go to both guidance branches, as diffusers duplicates the control
+        # image (guess_mode=False); ControlledUNet.apply takes them as ``control``.
+        cond = {**cond, "control": inputs["control"]}
+        uncond = None if uncond is None else {**uncond, "control": inputs["control"]}
 
     unet_variables = {"params": params["unet"]}
 

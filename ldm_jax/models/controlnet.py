@@ -14,7 +14,9 @@ mid_block_additional_residual=...)``). Parameter names follow diffusers
                      down_block_additional_residuals=down, mid_block_additional_residual=mid)
 
 Several ControlNets: add their (each scaled) residuals, :func:`sum_residuals`, as diffusers'
-``MultiControlNetModel`` does.
+``MultiControlNetModel`` does. :class:`ControlledUNet` is the pair (or the U-Net and several
+ControlNets) as one denoiser, called like the U-Net with an extra ``control`` input; training
+(``ldm_jax.training.stages.controlnet``) and the one generation program both call it.
 
 ``control_image`` is NHWC at ``2 ** (len(conditioning_embedding_out_channels) - 1)`` times the
 latent size (8x for SD's default ``(16, 32, 96, 256)``), values in [0, 1] as diffusers' pipelines
@@ -23,6 +25,7 @@ feed it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, Mapping, Sequence
@@ -306,6 +309,62 @@ def sum_residuals(outputs: Sequence[tuple[Sequence[jax.Array], jax.Array]]):
         down = [a + b for a, b in zip(down, other_down)]
         mid = mid + other_mid
     return tuple(down), mid
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlledUNet:
+    """A frozen-or-not U-Net under ControlNets, with the U-Net's ``apply`` signature plus
+    ``control``; every other attribute (``in_channels``, ``sample_size``, ...) is the U-Net's.
+
+    ``apply({"params": {"unet": ..., "controlnets": (p_1, ..., p_k)}}, x, t, context,
+    class_labels, control=((image_1, scale_1), ...), train=False, rngs=None)``: ControlNet i
+    reads ``image_i`` [B, H, W, C] in [0, 1] and its residuals are multiplied by ``scale_i``
+    (a scalar or per-example [B]); the summed residuals go into the U-Net (diffusers'
+    ``StableDiffusionControlNetPipeline`` denoiser, ``guess_mode=False``).
+    """
+
+    unet: UNet
+    controlnets: tuple[ControlNet, ...]
+
+    def __post_init__(self):
+        if not self.controlnets:
+            raise ValueError("ControlledUNet needs at least one ControlNet")
+        for i, cn in enumerate(self.controlnets):
+            if cn.in_channels != self.unet.in_channels:
+                raise ValueError(
+                    f"ControlNet {i} reads {cn.in_channels} input channels, the U-Net {self.unet.in_channels}"
+                )
+
+    def __getattr__(self, name):
+        if name in ("unet", "controlnets") or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.unet, name)
+
+    def residuals(self, controlnet_params, x, t, context, class_labels, control, train=False, rngs=None):
+        """The summed, scaled residuals ``(down, mid)`` of every ControlNet."""
+        if len(control) != len(self.controlnets) or len(controlnet_params) != len(self.controlnets):
+            raise ValueError(
+                f"{len(self.controlnets)} ControlNets but {len(control)} control inputs and "
+                f"{len(controlnet_params)} parameter trees"
+            )
+        outputs = []
+        for cn, params, (image, scale) in zip(self.controlnets, controlnet_params, control):
+            scale = jnp.asarray(scale, jnp.float32)
+            if scale.ndim == 1:  # per example
+                scale = scale[:, None, None, None]
+            outputs.append(cn.apply(
+                {"params": params}, x, t, context, image, conditioning_scale=scale, class_labels=class_labels,
+                train=train, rngs=rngs,
+            ))
+        return sum_residuals(outputs)
+
+    def apply(self, variables, x, t, context=None, class_labels=None, train=False, *, control, rngs=None):
+        params = variables["params"]
+        down, mid = self.residuals(params["controlnets"], x, t, context, class_labels, control, train, rngs)
+        return self.unet.apply(
+            {"params": params["unet"]}, x, t, context, class_labels, train,
+            down_block_additional_residuals=down, mid_block_additional_residual=mid, rngs=rngs,
+        )
 
 
 @functools.partial(jax.jit, static_argnums=1)

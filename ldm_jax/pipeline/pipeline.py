@@ -184,6 +184,32 @@ class LatentDiffusionPipeline:
         other._set_devices(devices)
         return other
 
+    def with_controlnets(self, controlnets: Sequence[tuple[Any, Any]]) -> "LatentDiffusionPipeline":
+        """A pipeline sharing this one's parameters whose U-Net runs under ``controlnets``
+        (``[(ControlNet, params), ...]``, e.g. from ``load_diffusers_controlnet``); call it with
+        ``control_image=`` (one per ControlNet) and ``controlnet_scale=``. The ControlNets
+        read control images at the image size: their downsampling must equal the first stage's."""
+        from ldm_jax.models.controlnet import ControlledUNet
+
+        base_unet = getattr(self.unet, "unet", self.unet)
+        base_params = self.params["unet"].get("unet") if isinstance(self.unet, ControlledUNet) else self.params["unet"]
+        nets = tuple(cn for cn, _ in controlnets)
+        for i, cn in enumerate(nets):
+            if cn.control_downsample_factor != self.first_stage.factor:
+                raise ValueError(
+                    f"ControlNet {i} downsamples its control image {cn.control_downsample_factor}x, "
+                    f"the first stage {self.first_stage.factor}x"
+                )
+        other = copy.copy(self)
+        other.unet = ControlledUNet(base_unet, nets)
+        other.params = {
+            **self.params,
+            "unet": {"unet": base_params, "controlnets": tuple(nn.meta.unbox(p) for _, p in controlnets)},
+        }
+        other._set_devices(list(self.mesh.devices.flat))
+        other._fingerprint = None
+        return other
+
     def _set_devices(self, devices):
         devices = list(jax.devices() if devices is None else devices)
         if not devices:

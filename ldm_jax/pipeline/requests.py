@@ -75,6 +75,74 @@ def image_array(image, name: str, n: int, channels: int) -> np.ndarray:
     return np.broadcast_to(2.0 * array - 1.0, (n,) + array.shape[1:])
 
 
+def control_image_array(image, name: str, n: int, channels: int, height: int, width: int) -> np.ndarray:
+    """A ControlNet control image as diffusers' ControlNet pipelines prepare it: uint8 or
+    float [0, 1] [H, W(, C)] / [N, H, W, C] (or PIL) -> float32 [n, height, width, channels] in
+    [0, 1] (not normalised to [-1, 1]); one channel is repeated to RGB, another size is resized
+    with Lanczos (VaeImageProcessor's default resample; on the 8-bit values for uint8 input, as
+    diffusers does for PIL images)."""
+    from PIL import Image
+
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4 or array.shape[-1] not in (1, 3) or (array.shape[-1] == 3 and channels == 1):
+        raise ValueError(f"{name} must be [H, W], [H, W, 1|{channels}] or [N, H, W, C], got shape {np.shape(image)}")
+    if array.shape[0] not in (1, n):
+        raise ValueError(f"{name} holds {array.shape[0]} images, expected 1 or num_images={n}")
+    if array.dtype == np.uint8:
+        if array.shape[1:3] != (height, width):  # 8-bit Lanczos, as diffusers resizes PIL images
+            array = np.stack([
+                np.stack([
+                    np.asarray(Image.fromarray(im[..., c]).resize((width, height), Image.Resampling.LANCZOS))
+                    for c in range(im.shape[-1])
+                ], axis=-1)
+                for im in array
+            ])
+        array = array.astype(np.float32) / 255.0
+    elif np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float32)
+        if array.size and (array.min() < 0.0 or array.max() > 1.0):
+            raise ValueError(f"float {name} must lie in [0, 1], got range [{array.min()}, {array.max()}]")
+        if array.shape[1:3] != (height, width):
+            array = np.stack([
+                np.stack([
+                    np.asarray(Image.fromarray(im[..., c], mode="F").resize((width, height), Image.Resampling.LANCZOS))
+                    for c in range(im.shape[-1])
+                ], axis=-1)
+                for im in array
+            ]).clip(0.0, 1.0)
+    else:
+        raise ValueError(f"{name} must be uint8 or float in [0, 1], got dtype {array.dtype}")
+    if array.shape[-1] != channels:
+        array = np.repeat(array, channels, axis=-1)
+    return np.broadcast_to(array, (n, height, width, channels))
+
+
+def control_inputs(controlnets, control_image, controlnet_scale, n: int, height: int, width: int) -> tuple:
+    """``((image [n, H, W, C], scale [n]), ...)``, one per ControlNet: ``control_image`` is one
+    image (one ControlNet) or a list with one per ControlNet; ``controlnet_scale`` a number or
+    one per ControlNet."""
+    k = len(controlnets)
+    if control_image is None:
+        raise ValueError(f"this pipeline runs {k} ControlNet(s): pass control_image")
+    images = list(control_image) if isinstance(control_image, (list, tuple)) else [control_image]
+    if len(images) != k:
+        raise ValueError(f"control_image holds {len(images)} entries for {k} ControlNet(s)")
+    scales = list(controlnet_scale) if isinstance(controlnet_scale, (list, tuple)) else [controlnet_scale] * k
+    if len(scales) != k:
+        raise ValueError(f"controlnet_scale holds {len(scales)} entries for {k} ControlNet(s)")
+    out = []
+    for i, (cn, image, scale) in enumerate(zip(controlnets, images, scales)):
+        if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)) or not math.isfinite(scale):
+            raise ValueError(f"controlnet_scale must be finite numbers, got {scale!r}")
+        array = control_image_array(image, f"control_image[{i}]", n, cn.conditioning_channels, height, width)
+        out.append((array, np.full((n,), scale, np.float32)))
+    return tuple(out)
+
+
 def mask_array(mask, n: int) -> np.ndarray:
     """Repaint mask(s) [H, W], [H, W, 1], [N, H, W] or [N, H, W, 1]: bool, uint8 (>= 128 is
     repaint) or float in [0, 1] (>= 0.5 is repaint) -> float32 {0, 1} [n, H, W, 1]."""
@@ -127,6 +195,8 @@ def prepare_request(
     denoising_end: float | None = None,
     denoising_start: float | None = None,
     init_latents=None,
+    control_image=None,
+    controlnet_scale=1.0,
     **sampler_options,
 ) -> Request:
     """Validate the arguments of ``pipe(...)`` (:meth:`LatentDiffusionPipeline.__call__`) and
@@ -219,6 +289,12 @@ def prepare_request(
         if x_T.shape != (n,) + latent_shape:
             raise ValueError(f"latents shape {x_T.shape} does not match {(n,) + latent_shape}")
         inputs["x_T"] = x_T
+
+    controlnets = getattr(pipe.unet, "controlnets", None)
+    if controlnets:
+        inputs["control"] = control_inputs(controlnets, control_image, controlnet_scale, n, height, width)
+    elif control_image is not None:
+        raise ValueError("control_image given but the pipeline has no ControlNet (pipe.with_controlnets)")
 
     use_cfg = pipe.conditioner.has_null and float(guidance_scale) != 1.0
     if negative_prompt is not None and not use_cfg:

@@ -78,7 +78,11 @@ class Task:
     ``prepare_batch(frozen_params, batch, key) -> batch`` turns each global device batch into
     what ``loss_fn`` sees (e.g. images -> latents); it is jitted on its own with
     ``frozen_params`` as an argument and its key is ``fold_in(step key, PREPARE_STREAM)``, so a
-    resumed run prepares the same batches.
+    resumed run prepares the same batches. With ``loss_takes_frozen`` the loss is
+    ``loss_fn(params, batch, key, frozen_params)`` (then ``step``): the placed frozen params
+    enter the compiled train step as an argument (a frozen U-Net under a trained ControlNet).
+    With ``init_takes_frozen`` the params are ``init_params(key, frozen_params)`` (placed
+    arrays, arguments of the init program: a ControlNet initialised as a copy of the U-Net).
 
     ``init_model_state(key)``: the initial non-trainable model state (``TrainState.model_state``,
     e.g. a VQ EMA codebook's statistics; ``key`` is the params' key). The loss is then called
@@ -92,6 +96,8 @@ class Task:
     frozen_params: Any = None
     prepare_batch: Callable[[Any, Any, jax.Array], Any] | None = None
     init_model_state: Callable[[jax.Array], Any] | None = None
+    loss_takes_frozen: bool = False
+    init_takes_frozen: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,7 +183,13 @@ def _train(
 ) -> TrainResult:
     config, mesh, rules = run.config, run.mesh, run.rules
     tx, lr_schedule = make_optimizer(config.optimizer)
-    abstract_state, shardings = state_shardings(task.init_params, tx, mesh, rules, config.seed, task.init_model_state)
+    frozen = frozen_shardings = None
+    if task.prepare_batch is not None or task.loss_takes_frozen or task.init_takes_frozen:
+        frozen, frozen_shardings = place_frozen(task.frozen_params, mesh, rules)
+    init_args = (frozen,) if task.init_takes_frozen else ()
+    abstract_state, shardings = state_shardings(
+        task.init_params, tx, mesh, rules, config.seed, task.init_model_state, init_args
+    )
 
     # config.json is written by the first start only; later starts append to its history.
     record_start(checkpointer.directory, config, is_main=jax.process_index() == 0)
@@ -189,7 +201,7 @@ def _train(
         state, metadata = restored.state, restored.metadata
         position = int(metadata.get("data_position", resumed_from))
     else:
-        state = create_sharded_state(task.init_params, tx, shardings, config.seed, task.init_model_state)
+        state = create_sharded_state(task.init_params, tx, shardings, config.seed, task.init_model_state, init_args)
         position = 0
     step = int(jax.device_get(state.step))
 
@@ -203,15 +215,16 @@ def _train(
             mesh=mesh,
             state_shardings=shardings,
             loss_takes_step=task.loss_takes_step,
+            loss_takes_frozen=task.loss_takes_frozen,
         ),
         shardings,
         mesh,
+        frozen_shardings if task.loss_takes_frozen else None,
     )
     key_fn = jax.jit(step_key, out_shardings=mesh_lib.replicated(mesh))
     b_sharding = mesh_lib.batch_sharding(mesh)
     prepare = None
     if task.prepare_batch is not None:
-        frozen, frozen_shardings = place_frozen(task.frozen_params, mesh, rules)
         prepare = compile_prepare_batch(task, frozen_shardings, mesh)
         prepare_key_fn = jax.jit(
             lambda key: jax.random.fold_in(key, PREPARE_STREAM), out_shardings=mesh_lib.replicated(mesh)
@@ -266,7 +279,7 @@ def _train(
         key = key_fn(state.rng, step)
         if prepare is not None:
             batch = prepare(frozen, batch, prepare_key_fn(key))
-        state, metrics = train_step(state, batch, key)
+        state, metrics = train_step(state, batch, key, frozen) if task.loss_takes_frozen else train_step(state, batch, key)
         step += 1
         last_metrics = check(unchecked)
         unchecked = (step, metrics)

@@ -79,8 +79,14 @@ def train_step(
     microbatch_sharding: NamedSharding | None = None,
     grad_shardings: Any = None,
     loss_takes_step: bool = False,
+    frozen: Any = None,
+    loss_takes_frozen: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer update on ``batch`` (a tree of [B, ...] arrays).
+
+    With ``loss_takes_frozen`` the loss is ``loss_fn(params, batch, key, frozen)`` (before a
+    ``step`` argument): a frozen network the loss runs (the U-Net under a ControlNet or a
+    LoRA), passed to the jitted step as an argument, so it is neither trained nor compiled in.
 
     Returns the new state and replicated float32 metrics: ``loss`` and every ``aux`` entry
     (means over the global batch), ``grad_norm`` (global norm before clipping), ``lr`` (the
@@ -88,6 +94,11 @@ def train_step(
     gradient was NaN/inf, in which case the returned state is the input state unchanged).
     """
     stateful = model_state_of(state) is not None
+    if loss_takes_frozen:
+        if stateful:
+            raise ValueError("a loss with model state cannot also take frozen params (loss_takes_frozen)")
+        frozen_loss_fn = loss_fn
+        loss_fn = lambda params, batch, key, *step: frozen_loss_fn(params, batch, key, frozen, *step)  # noqa: E731
     if loss_takes_step:
         # Losses with a schedule of their own (e.g. the discriminator starting at step N) see
         # the number of updates done so far, as a traced scalar.
@@ -181,6 +192,7 @@ def make_train_step(
     mesh: Mesh | None = None,
     state_shardings: TrainState | None = None,
     loss_takes_step: bool = False,
+    loss_takes_frozen: bool = False,
 ) -> StepFn:
     """``train_step`` with its static pieces bound: a pure ``(state, batch, key) -> (state,
     metrics)``. With ``mesh``/``state_shardings`` the microbatches and gradient accumulators
@@ -200,24 +212,37 @@ def make_train_step(
         microbatch_sharding=mesh_lib.batch_sharding(mesh) if mesh is not None else None,
         grad_shardings=state_shardings.params if state_shardings is not None else None,
         loss_takes_step=loss_takes_step,
+        loss_takes_frozen=loss_takes_frozen,
     )
 
 
-def compile_train_step(step_fn: StepFn, state_shardings: TrainState, mesh: Mesh) -> StepFn:
+def compile_train_step(
+    step_fn: StepFn, state_shardings: TrainState, mesh: Mesh, frozen_shardings: Any = None
+) -> StepFn:
     """``jax.jit`` of ``step_fn`` with explicit shardings: state as ``state_shardings`` (and
     donated, so the update happens in place), batch split over the data axes, key and
-    metrics replicated."""
+    metrics replicated. ``frozen_shardings``: the step takes a fourth argument, the frozen
+    params (``frozen=``), sharded so (not donated)."""
     replicated = mesh_lib.replicated(mesh)
 
     @functools.wraps(step_fn)
-    def step_in_mesh(state, batch, key):
+    def step_in_mesh(state, batch, key, *frozen):
         # The mesh in context while the step traces, so mesh-aware kernels (the splash attention
         # backend's shard_map) see it via jax.sharding.get_abstract_mesh(). Only the abstract
         # mesh, and only inside the trace: jax.set_mesh around the loop would also commit every
         # array created under it to the mesh, which jit's explicit in_shardings then refuse.
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            if frozen:
+                return step_fn(state, batch, key, frozen=frozen[0])
             return step_fn(state, batch, key)
 
+    if frozen_shardings is not None:
+        return jax.jit(
+            step_in_mesh,
+            in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh), replicated, frozen_shardings),
+            out_shardings=(state_shardings, replicated),
+            donate_argnums=(0,),
+        )
     return jax.jit(
         step_in_mesh,
         in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh), replicated),

@@ -61,11 +61,12 @@ InitModelStateFn = Callable[[jax.Array], Any]
 
 def _init_state(
     init_params: InitParamsFn, tx: optax.GradientTransformation, seed: int,
-    init_model_state: InitModelStateFn | None = None,
+    init_model_state: InitModelStateFn | None = None, *init_args,
 ) -> TrainState:
     base = jax.random.key(seed)
     params_key, run_key = jax.random.split(base)
-    params = nn.unbox(init_params(params_key))
+    # init_args: arrays the init reads as arguments (a frozen U-Net a ControlNet copies).
+    params = nn.unbox(init_params(params_key, *init_args))
     fields = {}
     if init_model_state is not None:
         fields["model_state"] = nn.unbox(init_model_state(params_key))
@@ -87,14 +88,18 @@ def state_shardings(
     rules: mesh_lib.LogicalRules,
     seed: int = 0,
     init_model_state: InitModelStateFn | None = None,
+    init_args: tuple = (),
 ) -> tuple[TrainState, TrainState]:
     """``(abstract_state, shardings)``: ShapeDtypeStructs of the state and a TrainState of
     NamedShardings. Params and EMA follow the logical rules; optimizer-state copies of the
-    params get their param's sharding; scalars, the key and the model state are replicated."""
-    boxed = jax.eval_shape(init_params, jax.random.key(seed))
+    params get their param's sharding; scalars, the key and the model state are replicated.
+    ``init_args``: extra arguments of ``init_params`` (after the key)."""
+    boxed = jax.eval_shape(init_params, jax.random.key(seed), *init_args)
     abstract_params = nn.unbox(boxed)
     p_shardings = mesh_lib.param_shardings(boxed, mesh, rules)
-    abstract_state = jax.eval_shape(functools.partial(_init_state, init_params, tx, seed, init_model_state))
+    abstract_state = jax.eval_shape(
+        functools.partial(_init_state, init_params, tx, seed, init_model_state), *init_args
+    )
     replicated = mesh_lib.replicated(mesh)
     fields = {}
     if init_model_state is not None:
@@ -113,13 +118,15 @@ def state_shardings(
 def create_sharded_state(
     init_params: InitParamsFn, tx: optax.GradientTransformation, shardings: TrainState, seed: int,
     init_model_state: InitModelStateFn | None = None,
+    init_args: tuple = (),
 ) -> TrainState:
     """The initial state, computed in place on the devices with ``shardings``.
 
     ``seed`` is a Python int baked into the program, so every process of a multi-host run
-    builds the same state without exchanging host data."""
+    builds the same state without exchanging host data. ``init_args`` (placed arrays, e.g. a
+    frozen U-Net) are arguments of the init program, never constants in it."""
     init = jax.jit(functools.partial(_init_state, init_params, tx, seed, init_model_state), out_shardings=shardings)
-    return init()
+    return init(*init_args)
 
 
 def abstract_with_shardings(abstract_state: TrainState, shardings: TrainState) -> TrainState:

@@ -4,7 +4,9 @@ config must load without importing JAX).
 * autoencoder stage: ``config.autoencoder`` (the model, ``ldm_jax.ldm.sections``) and
   ``config.loss`` (:func:`loss_defaults`);
 * diffusion stage: ``config.first_stage`` / ``unet`` / ``conditioning`` / ``diffusion`` (the
-  model, ``ldm_jax.ldm.sections``) and ``config.preview`` (:func:`diffusion_preview_defaults`).
+  model, ``ldm_jax.ldm.sections``) and ``config.preview`` (:func:`diffusion_preview_defaults`);
+* controlnet stage: ``config.controlnet`` (:func:`controlnet_defaults`) and ``config.preview``
+  (the diffusion preview keys plus ``controlnet_scale``).
 """
 
 from __future__ import annotations
@@ -79,6 +81,42 @@ def add_diffusion_sections(config: ml_collections.ConfigDict) -> ml_collections.
         config.conditioning = conditioning_defaults()
         config.diffusion = diffusion_defaults()
         preview = diffusion_preview_defaults()
+        for key, value in (config.get("preview") or {}).items():
+            if key in ("every_steps", "seed"):
+                preview[key] = value
+        config.preview = preview
+    return config
+
+
+def controlnet_defaults() -> ml_collections.ConfigDict:
+    """``config.controlnet``: a ControlNet trained on a frozen base model folder."""
+    return ml_collections.ConfigDict(
+        {
+            "base": "",  # the frozen base: an ldm_jax model folder or a diffusers SD folder (required)
+            # () = SD's (16, 32, 96, 256) cut to log2(first-stage factor) + 1 entries, so the
+            # control image is at the image size (8x the latents for SD, 4x for the shapes LDM).
+            "conditioning_embedding_out_channels": (),
+            "init": "",  # "" = copy the U-Net's encoder (diffusers from_unet); else a diffusers ControlNet folder
+            "drop_prob": 0.1,  # condition -> null (empty caption / null class) for guidance, as the base was trained
+            "weighting": "simple",  # loss weighting over timesteps: "simple" | "min_snr"
+            "min_snr_gamma": 5.0,
+        }
+    )
+
+
+def controlnet_preview_defaults() -> ml_collections.ConfigDict:
+    """``config.preview`` of the controlnet stage: the diffusion keys plus the ControlNet's scale."""
+    preview = diffusion_preview_defaults()
+    preview.controlnet_scale = 1.0
+    return preview
+
+
+def add_controlnet_sections(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Add the controlnet stage's default sections to a base config (in place); the base
+    config's ``preview.every_steps`` / ``seed`` are kept."""
+    with config.unlocked():
+        config.controlnet = controlnet_defaults()
+        preview = controlnet_preview_defaults()
         for key, value in (config.get("preview") or {}).items():
             if key in ("every_steps", "seed"):
                 preview[key] = value
