@@ -103,7 +103,7 @@ def prepare_request(
     class_labels: int | Sequence[int] | None = None,
     num_images: int | None = None,
     negative_prompt: str | Sequence[str] | None = None,
-    sampler: str = "ddim",
+    sampler: str | None = None,
     num_steps: int = 50,
     guidance_scale: float = 7.5,
     guidance_rescale: float = 0.0,
@@ -127,6 +127,7 @@ def prepare_request(
     """Validate the arguments of ``pipe(...)`` (:meth:`LatentDiffusionPipeline.__call__`) and
     build the host-side request."""
     fs = pipe.first_stage
+    sampler = pipe.default_sampler if sampler is None else sampler
     conditions, n = _conditions(pipe, prompts, class_labels, num_images)
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"unknown output_type {output_type!r}; expected one of {OUTPUT_TYPES}")
@@ -304,7 +305,9 @@ def _sampler_options(pipe, sampler: str, num_steps: int, eta: float, overrides: 
         options["variance"] = "learned"
     options["eta"] = float(eta)
     options.update(overrides)
-    resolve_sampler(sampler, pipe.schedule.num_timesteps, num_steps=num_steps, **options)
+    # The schedule itself (not its timestep count): a sampler of the other objective is refused
+    # in one line naming it and the valid ones.
+    resolve_sampler(sampler, pipe.schedule, num_steps=num_steps, **options)
     return tuple(sorted(options.items()))
 
 # ------------------------------------------------------------------ execution
