@@ -6,10 +6,15 @@
     python train.py --config configs/digits_dit_flow.py:runlocal ...   # seconds, for smoke tests
 
 The transformer counterpart of ``configs/digits_ldm.py`` (same data, autoencoder, batch,
-optimizer and EMA): 8x8x4 latents cut into 2x2 patches (16 tokens), a small DiT (adaLN-Zero,
+optimizer and EMA): 8x8x4 latents cut into 2x2 patches (16 tokens), a small DiT (4 blocks of
+width 128, 1.4M parameters; adaLN-Zero,
 the label's embedding added to the timestep's, label 10 the null class for classifier-free
 guidance) regressing the velocity eps - x0 of x_t = (1 - t) x0 + t eps, with SD3's
 logit-normal t density. Previews integrate the flow ODE with Euler steps.
+
+Budget: a DiT step costs ~2.2x the U-Net's CPU time on these latents
+(``benchmarks/bench_dit_vs_unet_step.py``), so 900 steps are about the compute of the U-Net
+demo's 2000 (equal training time for the comparison in the README).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ def get_config(arg: str | None = None):
     c.diffusion.denoiser = "dit"
     c.dit = dit_defaults()
     c.dit.patch_size = 2  # 8x8 latents -> 4x4 = 16 tokens
-    c.dit.num_layers = 6
+    c.dit.num_layers = 4
     c.dit.num_attention_heads = 4
     c.dit.attention_head_dim = 32  # width 128
 
@@ -53,10 +58,10 @@ def get_config(arg: str | None = None):
     c.ema.decay = 0.99
 
     c.train.global_batch_size = 64
-    c.train.num_steps = 2000
+    c.train.num_steps = 900
     c.train.log_every = 100
-    c.checkpoint.every_steps = 500
-    c.preview.every_steps = 1000
+    c.checkpoint.every_steps = 300
+    c.preview.every_steps = 900
     c.preview.columns = 8
     c.preview.max_rows = 10
     c.preview.sampler = "flow_euler"
