@@ -50,6 +50,7 @@ def main():
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--classifier_src", default="/work/wt/evalm")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--grid_dir", default=None, help="write a grid (one row per digit, 8 columns) per model here")
     args = p.parse_args()
 
     import numpy as np
@@ -75,6 +76,16 @@ def main():
                                image_indices=list(range(i, i + len(chunk)))))
         images = np.concatenate(images)
         cpu = time.process_time() - start
+        if args.grid_dir:
+            from PIL import Image
+
+            cols = min(8, args.per_class)
+            tiles = images.reshape(10, args.per_class, *images.shape[1:])[:, :cols, ..., 0]
+            grid = np.pad(tiles, ((0, 0), (0, 0), (1, 1), (1, 1))).transpose(0, 2, 1, 3)
+            grid = grid.reshape(10 * (images.shape[1] + 2), cols * (images.shape[2] + 2))
+            os.makedirs(args.grid_dir, exist_ok=True)
+            name = os.path.basename(os.path.normpath(folder.replace("@", "_step")))
+            Image.fromarray(np.kron(grid, np.ones((3, 3), np.uint8))).save(os.path.join(args.grid_dir, f"{name}.png"))
         metrics = clf.digits_quality(images, labels, resolution=images.shape[1])
         metrics.update(sampler=sampler, steps=int(steps), sampling_cpu_s=cpu,
                        denoiser=type(pipe.unet).__name__, objective=pipe.objective)
