@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=8, help="images per compiled call (default 8)")
     p.add_argument("--start_index", type=int, default=0, help="image index of the first image (default 0)")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--sampler", default="ddim")
+    p.add_argument("--sampler", default=None, help="a sampler name (default: ddim, or flow_euler for flow models)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance_scale", type=float, default=7.5)
     p.add_argument("--guidance_rescale", type=float, default=0.0)
@@ -156,7 +156,7 @@ def _check_args(args) -> None:
         raise BadInput(f"--seed must be in [0, 2**32), got {args.seed}")
     from ldm_jax.diffusion.samplers import sampler_names
 
-    if args.sampler not in sampler_names():
+    if args.sampler is not None and args.sampler not in sampler_names():
         raise BadInput(f"unknown sampler {args.sampler!r}; expected one of {', '.join(sampler_names())}")
     if args.strength is not None and args.init_image is None:
         raise BadInput("--strength needs --init_image")
@@ -297,6 +297,8 @@ def run(args) -> int:
         from ldm_jax.pipeline import load_model_folder
 
         refiner = load_model_folder(args.refiner_dir, batch_invariant=not args.fast_batching, variant=args.variant)
+    if args.sampler is None:  # the model's objective decides (DDPM: ddim, flow: flow_euler)
+        args.sampler = pipe.default_sampler
     images_in = {}
     if args.controlnet:
         from ldm_jax.interop.diffusers_controlnet import load_diffusers_controlnet

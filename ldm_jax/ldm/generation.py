@@ -89,7 +89,8 @@ def generate(
     fs = first_stage
     fs_vars = params["first_stage"]
     latent_shape = program.latent_shape
-    learned_variance = unet.out_channels == 2 * fs.latent_channels
+    # (a DiT's out_channels None means in_channels)
+    learned_variance = getattr(unet, "output_channels", unet.out_channels) == 2 * fs.latent_channels
 
     def encode(images, stream):
         noise = None

@@ -23,10 +23,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.diffusion import diffusion_loss, make_schedule
+from ldm_jax.diffusion.flow import flow_loss, make_flow_schedule
 from ldm_jax.ldm.conditioning import Conditioner, build_conditioner
 from ldm_jax.ldm.first_stage import LoadedFirstStage, load_first_stage
 from ldm_jax.ldm.sections import (
     DENOISER_DEFAULTS,
+    FLOW_PREDICTIONS,
+    FLOW_TIME_DENSITIES,
+    FLOW_WEIGHTINGS,
+    OBJECTIVES,
     PREDICTIONS,
     SCHEDULES,
     WEIGHTINGS,
@@ -38,6 +43,8 @@ from ldm_jax.ldm.sections import (
     merge_section,
     schedule_kwargs,
 )
+from ldm_jax.models.dit import DiT
+from ldm_jax.models.pixart import PixArtDiT
 from ldm_jax.models.unet import UNet
 
 # UNet fields fixed by the first stage and the conditioning, never read from config.unet.
@@ -110,21 +117,66 @@ def build_unet(unet_config: Any, latent_channels: int, latent_size: int, conditi
     return unet
 
 
+# DiT fields fixed by the first stage and the conditioning, never read from config.dit.
+DERIVED_DIT_FIELDS = ("sample_size", "in_channels", "out_channels", "num_classes", "cross_attention_dim")
+
+
+def build_dit(dit_config: Any, latent_channels: int, latent_size: int, conditioner: Conditioner) -> DiT | PixArtDiT:
+    """The transformer of ``config.dit`` for this first stage and conditioner: a class-label
+    :class:`DiT` (adaLN-Zero) when the labels go to the network, the PixArt-alpha
+    :class:`PixArtDiT` (cross-attention) when the conditioner gives a context (text, or
+    ``class_as_context``). One hop: ``cls(**config.dit, **derived)`` (``dtype`` a name)."""
+    section = dict(dit_config.to_dict() if hasattr(dit_config, "to_dict") else dit_config)
+    ctx = conditioner.context_dim
+    if ctx is None and conditioner.unet_num_classes is None:
+        raise ValueError(
+            f"config.diffusion.denoiser='dit' needs class labels or a text context; conditioning kind "
+            f"{conditioner.kind!r} gives neither"
+        )
+    cls = DiT if ctx is None else PixArtDiT
+    fields = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+    unknown = sorted(set(section) - fields)
+    if unknown:
+        raise ValueError(f"unknown config.dit keys {unknown} for {cls.__name__}; known: {sorted(fields)}")
+    derived = sorted(set(section) & set(DERIVED_DIT_FIELDS))
+    if derived:
+        raise ValueError(f"config.dit keys {derived} are derived from the first stage and the conditioning")
+    dtype = compute_dtype(section.pop("dtype", "float32"), "config.dit.dtype")
+    fixed = dict(sample_size=int(latent_size), in_channels=int(latent_channels), out_channels=int(latent_channels))
+    if cls is DiT:
+        fixed["num_classes"] = int(conditioner.unet_num_classes)
+    else:
+        fixed["cross_attention_dim"] = int(ctx)
+        section.setdefault("use_additional_conditions", False)  # no PixArt-1024 micro-conditions
+    try:
+        model = cls(**{key: _hashable(value) for key, value in section.items()}, **fixed, dtype=dtype)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"config.dit: {error}") from None
+    if latent_size % model.patch_size:
+        raise ValueError(f"latent size {latent_size} is not divisible by config.dit.patch_size={model.patch_size}")
+    return model
+
+
 # Denoiser families by ``config.diffusion.denoiser``: builder(section, latent_channels,
 # latent_size, conditioner) -> the network, built in one hop from ``config.<denoiser>``
-# (defaults: ``ldm_jax.ldm.sections.DENOISER_DEFAULTS``). DiT / MMDiT / ControlNet-wrapped
-# U-Nets plug in here; the objective (``config.diffusion``) and the conditioner stay shared.
-DENOISER_BUILDERS: dict[str, Callable[..., Any]] = {"unet": build_unet}
+# (defaults: ``ldm_jax.ldm.sections.DENOISER_DEFAULTS``). MMDiT / ControlNet-wrapped U-Nets
+# plug in here; the objective (``config.diffusion``) and the conditioner stay shared.
+DENOISER_BUILDERS: dict[str, Callable[..., Any]] = {"unet": build_unet, "dit": build_dit}
 assert tuple(DENOISER_BUILDERS) == tuple(DENOISER_DEFAULTS)
 
 
 @dataclasses.dataclass(frozen=True)
 class DiffusionModel:
-    """Everything needed to train and sample: the denoiser (``unet``: a ``UNet`` today, see
-    :data:`DENOISER_BUILDERS`), conditioner, frozen first stage, schedule, objective.
-    ``conditioner_frozen_params``: a frozen text encoder's params."""
+    """Everything needed to train and sample: the denoiser (``unet``: a ``UNet``, ``DiT`` or
+    ``PixArtDiT``, see :data:`DENOISER_BUILDERS`; the field keeps its name, and the params
+    key ``"unet"``, for every family), conditioner, frozen first stage, schedule, objective.
+    ``conditioner_frozen_params``: a frozen text encoder's params.
 
-    unet: UNet
+    ``objective="flow"``: ``schedule_config`` holds ``make_flow_schedule`` keyword arguments,
+    ``prediction`` is a flow prediction ("velocity" | "eps" | "x0") and ``flow_options`` the
+    remaining :func:`ldm_jax.diffusion.flow.flow_loss` options (t density and its parameters)."""
+
+    unet: Any
     conditioner: Conditioner
     first_stage: LoadedFirstStage
     schedule_config: Mapping[str, Any]
@@ -134,10 +186,20 @@ class DiffusionModel:
     sample_posterior: bool
     latent_size: int
     conditioner_frozen_params: Any = None
+    objective: str = "ddpm"
+    flow_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def schedule(self):
+        """The :class:`Schedule` (DDPM) or :class:`FlowSchedule` (flow) samplers and the loss use."""
+        if self.objective == "flow":
+            return make_flow_schedule(**self.schedule_config)
         return make_schedule(**self.schedule_config)
+
+    @property
+    def denoiser_family(self) -> str:
+        """"unet", "dit" (class labels) or "pixart" (cross-attention): how the folder stores it."""
+        return {DiT: "dit", PixArtDiT: "pixart"}.get(type(self.unet), "unet")
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
@@ -215,7 +277,8 @@ class DiffusionModel:
                 {"params": params["unet"]}, x, t, train=True, rngs={"dropout": dropout_key}, **cond_kwargs
             )
 
-        loss = diffusion_loss(
+        loss_fn = flow_loss if self.objective == "flow" else diffusion_loss
+        loss = loss_fn(
             self.schedule,
             model_fn,
             latents,
@@ -223,6 +286,7 @@ class DiffusionModel:
             prediction=self.prediction,
             weighting=self.weighting,
             min_snr_gamma=self.min_snr_gamma,
+            **dict(self.flow_options),
         )
         return loss, {"latent_std": jnp.std(latents)}
 
@@ -260,11 +324,25 @@ def build_model(config: Any, info: Mapping[str, Any], first_stage: LoadedFirstSt
     left as loaded)."""
     sections = config if isinstance(config, ModelSections) else model_sections(config)
     diffusion = sections.diffusion
-    choice("config.diffusion.schedule", diffusion.schedule, SCHEDULES)
-    prediction = choice("config.diffusion.prediction", diffusion.prediction, PREDICTIONS)
-    weighting = choice("config.diffusion.weighting", diffusion.weighting, WEIGHTINGS)
+    objective = choice("config.diffusion.objective", diffusion.objective, OBJECTIVES)
+    flow_options: dict = {}
+    if objective == "flow":
+        prediction = choice("config.diffusion.flow_prediction", diffusion.flow_prediction, FLOW_PREDICTIONS)
+        weighting = choice("config.diffusion.weighting", diffusion.weighting, FLOW_WEIGHTINGS)
+        density = choice("config.diffusion.flow_time_density", diffusion.flow_time_density, FLOW_TIME_DENSITIES)
+        flow_options = {"time_density": density, "logit_mean": float(diffusion.flow_logit_mean),
+                        "logit_std": float(diffusion.flow_logit_std), "mode_scale": float(diffusion.flow_mode_scale)}
+        if not float(diffusion.flow_logit_std) > 0:
+            raise ValueError(f"config.diffusion.flow_logit_std must be > 0, got {diffusion.flow_logit_std!r}")
+    else:
+        choice("config.diffusion.schedule", diffusion.schedule, SCHEDULES)
+        prediction = choice("config.diffusion.prediction", diffusion.prediction, PREDICTIONS)
+        weighting = choice("config.diffusion.weighting", diffusion.weighting, WEIGHTINGS)
     schedule = schedule_kwargs(diffusion)
-    make_schedule(**schedule)  # fail at start-up on bad numbers
+    try:  # fail at start-up on bad numbers
+        (make_flow_schedule if objective == "flow" else make_schedule)(**schedule)
+    except ValueError as error:
+        raise ValueError(f"config.diffusion: {error}") from None
     if first_stage is None:
         first_stage = load_first_stage(sections.first_stage, int(info["channels"]))
     resolution = int(info["resolution"])
@@ -290,4 +368,6 @@ def build_model(config: Any, info: Mapping[str, Any], first_stage: LoadedFirstSt
         sample_posterior=bool(sections.first_stage.sample_posterior),
         latent_size=latent_size,
         conditioner_frozen_params=frozen_params,
+        objective=objective,
+        flow_options=flow_options,
     )

@@ -24,6 +24,12 @@ CONDITIONING_KINDS = ("none", "class", "text", "clip", "sdxl")
 SCHEDULES = ("linear", "scaled_linear", "cosine")
 PREDICTIONS = ("eps", "v", "x0")
 WEIGHTINGS = ("simple", "min_snr")
+OBJECTIVES = ("ddpm", "flow")
+# Flow objective (ldm_jax.diffusion.flow): what the network regresses, the loss weighting and
+# the training-time t density (names as in ldm_jax.diffusion.flow; checked there too).
+FLOW_PREDICTIONS = ("velocity", "eps", "x0")
+FLOW_WEIGHTINGS = ("simple", "min_snr", "sigma_sqrt", "cosmap")
+FLOW_TIME_DENSITIES = ("uniform", "logit_normal", "mode", "cosmap")
 AUTOENCODER_KINDS = ("kl", "vq")
 
 
@@ -135,14 +141,44 @@ def diffusion_defaults() -> ml_collections.ConfigDict:
             "prediction": "eps",  # "eps" | "v" | "x0"
             "weighting": "simple",  # "simple" | "min_snr"
             "min_snr_gamma": 5.0,
+            # "ddpm": noise schedule above, diffusion_loss; "flow": rectified flow
+            # x_t = (1 - t) x0 + t eps (ldm_jax.diffusion.flow), the model sees num_timesteps * t;
+            # the flow_* keys below apply, prediction / schedule / beta_* do not.
+            "objective": "ddpm",
+            "flow_prediction": "velocity",  # "velocity" | "eps" | "x0"
+            "flow_shift": 1.0,  # SD3 time shift s (t' = s t / (1 + (s - 1) t)); training and sampling
+            "flow_time_density": "logit_normal",  # "uniform" | "logit_normal" | "mode" | "cosmap"
+            "flow_logit_mean": 0.0,
+            "flow_logit_std": 1.0,
+            "flow_mode_scale": 1.29,
+        }
+    )
+
+
+def dit_defaults() -> ml_collections.ConfigDict:
+    """``config.dit``: ``ldm_jax.models.dit.DiT`` fields (class labels), or
+    ``ldm_jax.models.pixart.PixArtDiT`` fields when the conditioner gives a cross-attention
+    context (text, or ``class_as_context``). ``sample_size``, ``in_channels``,
+    ``out_channels``, ``num_classes`` and ``cross_attention_dim`` are derived from the first
+    stage and the conditioning; any other field of the built module may be added."""
+    return ml_collections.ConfigDict(
+        {
+            "patch_size": 2,
+            "num_layers": 6,
+            "num_attention_heads": 4,
+            "attention_head_dim": 32,  # width = heads x head_dim
+            "dropout": 0.0,
+            "attention": "xla",  # ldm_jax.kernels backend
+            "remat": False,
+            "dtype": "float32",  # compute dtype; params stay float32
         }
     )
 
 
 # Denoiser families by ``config.diffusion.denoiser`` -> the defaults of their config section
-# (named like the family: ``config.unet``). A new family (DiT, MMDiT, ...) adds its defaults
-# here and its builder to ``ldm_jax.ldm.model.DENOISER_BUILDERS``.
-DENOISER_DEFAULTS = {"unet": unet_defaults}
+# (named like the family: ``config.unet``, ``config.dit``). A new family (MMDiT, ...) adds its
+# defaults here and its builder to ``ldm_jax.ldm.model.DENOISER_BUILDERS``.
+DENOISER_DEFAULTS = {"unet": unet_defaults, "dit": dit_defaults}
 
 
 def autoencoder_defaults() -> ml_collections.ConfigDict:
@@ -166,7 +202,10 @@ def autoencoder_defaults() -> ml_collections.ConfigDict:
 
 
 def schedule_kwargs(diffusion: Any) -> dict:
-    """``make_schedule`` keyword arguments of ``config.diffusion`` (also the exported schedule)."""
+    """``make_schedule`` keyword arguments of ``config.diffusion`` (also the exported schedule);
+    ``make_flow_schedule`` ones for ``objective="flow"``."""
+    if diffusion.get("objective", "ddpm") == "flow":
+        return {"shift": float(diffusion.flow_shift), "num_train_timesteps": int(diffusion.num_timesteps)}
     out = {"kind": diffusion.schedule, "num_timesteps": int(diffusion.num_timesteps)}
     if diffusion.get("beta_start") is not None:
         out["beta_start"] = float(diffusion.beta_start)

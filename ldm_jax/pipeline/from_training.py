@@ -38,6 +38,7 @@ def pipeline_from_model(model: DiffusionModel, params: Any, **kwargs) -> LatentD
         conditioner_params=conditioner_params,
         schedule=dict(model.schedule_config),
         prediction=model.prediction,
+        objective=model.objective,
         **kwargs,
     )
 

@@ -21,8 +21,11 @@ such a class exists, plus ``ldm_jax.json``::
 
     {
       "format": "ldm_jax.model", "format_version": 1,
-      "schedule": {make_schedule keyword arguments},
-      "prediction": "eps" | "v" | "x0",
+      "denoiser": "unet" (unet/ folder) | "dit" | "pixart" (transformer/ folder: diffusers
+                  DiTTransformer2DModel / PixArtTransformer2DModel); absent: "unet",
+      "objective": "ddpm" | "flow" (absent: "ddpm"),
+      "schedule": {make_schedule keyword arguments} (flow: make_flow_schedule's),
+      "prediction": "eps" | "v" | "x0" (flow: "velocity" | "eps" | "x0"),
       "sampler_defaults": {"spacing": ..., "steps_offset": ..., ...},
       "concat": null | "inpainting" | "low_res",
       "first_stage": {"kind": "kl" | "vq"} (vae/ folder) | {"kind": "identity", "channels": C},
@@ -55,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from ldm_jax.interop.diffusers_dit import load_diffusers_dit, save_diffusers_dit
 from ldm_jax.interop.diffusers_unet import load_diffusers_unet, save_diffusers_unet
 from ldm_jax.interop.diffusers_vae import save_diffusers_autoencoder_kl, save_diffusers_vq_model
 from ldm_jax.interop.torch_weights import StateDict, load_state_dict, save_state_dict
@@ -70,7 +74,10 @@ from ldm_jax.ldm.conditioning import (
 from ldm_jax.ldm.first_stage import KLFirstStage, PixelSpace, load_autoencoder_folder
 from ldm_jax.models.clip import CLIPTextEncoder
 from ldm_jax.models.conditioning import ClassEmbedder, TextTransformer
+from ldm_jax.models.dit import DiT
+from ldm_jax.models.pixart import PixArtDiT
 from ldm_jax.models.tokenizers import ByteTokenizer, CLIPTokenizer
+from ldm_jax.models.unet import UNet
 
 FORMAT = "ldm_jax.model"
 FORMAT_VERSION = 1
@@ -81,6 +88,9 @@ SCHEDULER_CONFIG = os.path.join("scheduler", "scheduler_config.json")
 _BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}
 _PREDICTIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 _CONDITIONER_MODULES = {"TextTransformer": TextTransformer, "ClassEmbedder": ClassEmbedder}
+# ldm_jax.json "denoiser" -> (module class, subfolder); the folders are diffusers' own layouts.
+DENOISER_FOLDERS = {"unet": (UNet, "unet"), "dit": (DiT, "transformer"), "pixart": (PixArtDiT, "transformer")}
+OBJECTIVES = ("ddpm", "flow")
 
 
 def _read_json(path: str) -> dict:
@@ -148,6 +158,24 @@ def read_scheduler_config(config: Mapping[str, Any]) -> tuple[dict, str, dict]:
     if variance_type in ("fixed_large", "fixed_large_log"):
         defaults["variance"] = "fixed_large"
     return schedule, _PREDICTIONS[prediction_type], defaults
+
+
+def write_flow_scheduler_config(schedule: Mapping[str, Any]) -> dict:
+    """A ``FlowMatchEulerDiscreteScheduler`` config equivalent to a flow schedule
+    (``make_flow_schedule`` keyword arguments; omitted ones take their defaults)."""
+    get = lambda key, default: schedule.get(key, default)  # noqa: E731
+    return {
+        "_class_name": "FlowMatchEulerDiscreteScheduler",
+        "num_train_timesteps": int(get("num_train_timesteps", 1000)),
+        "shift": float(get("shift", 1.0)),
+        "use_dynamic_shifting": bool(get("dynamic_shifting", False)),
+        "base_shift": float(get("base_shift", 0.5)),
+        "max_shift": float(get("max_shift", 1.15)),
+        "base_image_seq_len": int(get("base_seq_len", 256)),
+        "max_image_seq_len": int(get("max_seq_len", 4096)),
+        "time_shift_type": str(get("time_shift_type", "exponential")),
+        "shift_terminal": get("shift_terminal", None),
+    }
 
 
 def write_scheduler_config(schedule: Mapping[str, Any], prediction: str, defaults: Mapping[str, Any]) -> dict:
@@ -348,7 +376,19 @@ def _ldm_jax_components(folder: str, dtype) -> dict:
             f"{LDM_JAX_JSON} in {folder} has format {spec.get('format')!r} version {spec.get('format_version')!r}; "
             f"this ldm_jax reads {FORMAT!r} version {FORMAT_VERSION}"
         )
-    unet, unet_params = load_diffusers_unet(os.path.join(folder, "unet"), dtype=dtype)
+    family = spec.get("denoiser", "unet")
+    if family not in DENOISER_FOLDERS:
+        raise ValueError(f"unknown denoiser {family!r} in {LDM_JAX_JSON}; expected one of {sorted(DENOISER_FOLDERS)}")
+    objective = spec.get("objective", "ddpm")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r} in {LDM_JAX_JSON}; expected one of {OBJECTIVES}")
+    cls, subfolder = DENOISER_FOLDERS[family]
+    if cls is UNet:
+        unet, unet_params = load_diffusers_unet(os.path.join(folder, subfolder), dtype=dtype)
+    else:
+        unet, unet_params = load_diffusers_dit(os.path.join(folder, subfolder), dtype=dtype)
+        if not isinstance(unet, cls):
+            raise ValueError(f"{LDM_JAX_JSON} says denoiser {family!r} but {subfolder}/ holds a {type(unet).__name__}")
     first = spec["first_stage"]
     if first["kind"] == "identity":
         first_stage, first_stage_variables = PixelSpace(int(first["channels"])), None
@@ -393,6 +433,7 @@ def _ldm_jax_components(folder: str, dtype) -> dict:
         conditioner_params=conditioner_params,
         schedule=spec["schedule"],
         prediction=spec["prediction"],
+        objective=objective,
         concat=spec.get("concat"),
         sampler_defaults=spec.get("sampler_defaults", {}),
         info={"source": folder, "format": "ldm_jax", **spec.get("provenance", {})},
@@ -450,7 +491,13 @@ def save_model_folder(
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     params = pipe.params
-    save_diffusers_unet(os.path.join(tmp, "unet"), pipe.unet, params["unet"])
+    family = {DiT: "dit", PixArtDiT: "pixart"}.get(type(pipe.unet), "unet")
+    subfolder = os.path.join(tmp, DENOISER_FOLDERS[family][1])
+    if family == "unet":
+        save_diffusers_unet(subfolder, pipe.unet, params["unet"])
+    else:
+        save_diffusers_dit(subfolder, pipe.unet, params["unet"])
+    objective = getattr(pipe, "objective", "ddpm")
     fs = pipe.first_stage
     if fs.kind == "kl":
         save_diffusers_autoencoder_kl(fs.module, params["first_stage"]["params"], os.path.join(tmp, "vae"))
@@ -478,11 +525,13 @@ def save_model_folder(
     elif cond_spec["kind"] == "class" and conditioner.embedder is not None:
         save_conditioner_module(os.path.join(tmp, "conditioner"), conditioner.embedder, params["conditioner"])
 
-    _write_json(
-        write_scheduler_config(pipe.schedule_config, pipe.prediction, pipe.sampler_defaults),
-        os.path.join(tmp, SCHEDULER_CONFIG),
-    )
-    if fs.kind == "kl" and cond_spec["kind"] == "sdxl" and pipe.concat in (None, "inpainting"):
+    if objective == "flow":
+        scheduler_config = write_flow_scheduler_config(pipe.schedule_config)
+    else:
+        scheduler_config = write_scheduler_config(pipe.schedule_config, pipe.prediction, pipe.sampler_defaults)
+    _write_json(scheduler_config, os.path.join(tmp, SCHEDULER_CONFIG))
+    sd_folder = family == "unet" and objective == "ddpm"
+    if sd_folder and fs.kind == "kl" and cond_spec["kind"] == "sdxl" and pipe.concat in (None, "inpainting"):
         refiner = conditioner.encoder is None
         name = "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline"
         if pipe.concat == "inpainting":
@@ -505,7 +554,7 @@ def save_model_folder(
             },
             os.path.join(tmp, MODEL_INDEX),
         )
-    elif fs.kind == "kl" and cond_spec.get("encoder") == "clip" and pipe.concat in (None, "inpainting"):
+    elif sd_folder and fs.kind == "kl" and cond_spec.get("encoder") == "clip" and pipe.concat in (None, "inpainting"):
         pipeline_class = "StableDiffusionPipeline" if pipe.concat is None else "StableDiffusionInpaintPipeline"
         _write_json(
             {
@@ -531,6 +580,8 @@ def save_model_folder(
         {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
+            "denoiser": family,
+            "objective": objective,
             "schedule": pipe.schedule_config,
             "prediction": pipe.prediction,
             "sampler_defaults": pipe.sampler_defaults,

@@ -36,30 +36,57 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ldm_jax.diffusion.flow import FLOW_PREDICTIONS, FlowSchedule, flow_schedule_config, make_flow_schedule
 from ldm_jax.diffusion.schedules import Schedule, make_schedule
 from ldm_jax.ldm.conditioning import CONCAT_KINDS, ClassConditioner, Unconditional
 from ldm_jax.ldm.first_stage import PixelSpace
 from ldm_jax.ldm.generation import Program, generate
 from ldm_jax.ldm.model import params_fingerprint
+from ldm_jax.models.dit import DiT
+from ldm_jax.models.pixart import PixArtDiT
 from ldm_jax.models.unet import UNet
 from ldm_jax.pipeline import loading
 from ldm_jax.pipeline.requests import Request, prepare_request
 
 BATCH_AXIS = "batch"
 SCHEDULE_KEYS = ("kind", "num_timesteps", "beta_start", "beta_end", "betas", "rescale_to_zero_terminal_snr")
+FLOW_SCHEDULE_KEYS = (
+    "shift", "num_train_timesteps", "dynamic_shifting", "base_shift", "max_shift", "base_seq_len", "max_seq_len",
+    "time_shift_type", "shift_terminal",
+)
+OBJECTIVES = ("ddpm", "flow")
+DENOISERS = (UNet, DiT, PixArtDiT)  # the U-Net, the class-label DiT, the text-conditioned PixArt DiT
 
 
-def schedule_config_of(schedule: dict | Schedule) -> dict:
-    """A checked ``make_schedule`` keyword dict. A :class:`Schedule` is stored by its
-    (float32) betas; prefer the dict form, which rebuilds the float64 schedule exactly."""
+def schedule_config_of(schedule: dict | Schedule | FlowSchedule, objective: str = "ddpm") -> dict:
+    """A checked ``make_schedule`` (``objective="flow"``: ``make_flow_schedule``) keyword dict.
+    A :class:`Schedule` is stored by its (float32) betas; prefer the dict form, which rebuilds
+    the float64 schedule exactly."""
+    if isinstance(schedule, FlowSchedule):
+        return flow_schedule_config(schedule)
     if isinstance(schedule, Schedule):
         return {"betas": [float(b) for b in np.asarray(schedule.betas, np.float64)]}
-    unknown = set(schedule) - set(SCHEDULE_KEYS)
+    keys, build = (FLOW_SCHEDULE_KEYS, make_flow_schedule) if objective == "flow" else (SCHEDULE_KEYS, make_schedule)
+    unknown = set(schedule) - set(keys)
     if unknown:
-        raise ValueError(f"unknown schedule config keys {sorted(unknown)}; expected a subset of {SCHEDULE_KEYS}")
+        raise ValueError(f"unknown {objective} schedule config keys {sorted(unknown)}; expected a subset of {keys}")
     config = dict(schedule)
-    make_schedule(**config)  # raises ValueError naming a bad value
+    build(**config)  # raises ValueError naming a bad value
     return config
+
+
+def denoiser_out_channels(unet) -> int:
+    """The network's output channels (a DiT's ``out_channels=None`` means ``in_channels``)."""
+    return int(getattr(unet, "output_channels", unet.out_channels))
+
+
+def denoiser_class_rows(unet) -> int | None:
+    """Rows of the network's own class-label table (classes + the null label), or None."""
+    if isinstance(unet, DiT):
+        return unet.num_classes + 1
+    if isinstance(unet, PixArtDiT):
+        return None
+    return unet.resolved()["class_rows"]
 
 
 def map_opaque_count(fn, xs):
@@ -97,8 +124,12 @@ class LatentDiffusionPipeline:
         :mod:`ldm_jax.ldm.first_stage` and :mod:`ldm_jax.ldm.conditioning`).
       params: ``{"unet": ..., "first_stage": ..., "conditioner": ...}`` (unboxed arrays;
         ``first_stage`` holds the autoencoder's full variables ``{"params": ...}``).
-      schedule_config: ``make_schedule`` keyword arguments; ``schedule`` the built Schedule.
-      prediction: "eps", "v" or "x0".
+      unet: the denoiser: a ``UNet``, a class-label ``DiT`` or a text-conditioned ``PixArtDiT``.
+      objective: "ddpm" (noise schedule, the DDPM-family samplers) or "flow" (rectified flow,
+        the ``flow_*`` samplers; the network sees the timestep ``num_train_timesteps * t``).
+      schedule_config: ``make_schedule`` (flow: ``make_flow_schedule``) keyword arguments;
+        ``schedule`` the built Schedule / FlowSchedule.
+      prediction: "eps", "v" or "x0"; flow: "velocity", "eps" or "x0".
       concat: None, "inpainting" or "low_res": what the U-Net's extra input channels hold.
       sampler_defaults: sampler options the model was trained/configured with (``spacing``,
         ``steps_offset``, ``set_alpha_to_one``, ``variance``, ...); applied when the chosen
@@ -110,35 +141,43 @@ class LatentDiffusionPipeline:
     def __init__(
         self,
         *,
-        unet: UNet,
+        unet: UNet | DiT | PixArtDiT,
         unet_params,
         first_stage=None,
         first_stage_variables=None,
         conditioner=None,
         conditioner_params=None,
         schedule: dict | Schedule,
-        prediction: str = "eps",
+        prediction: str | None = None,
         concat: str | None = None,
         sampler_defaults: dict | None = None,
         info: dict | None = None,
         devices: Sequence[Any] | None = None,
         batch_invariant: bool = True,
+        objective: str = "ddpm",
     ):
-        if not isinstance(unet, UNet):
-            raise ValueError(f"unet must be an ldm_jax UNet, got {type(unet).__name__}")
+        if not isinstance(unet, DENOISERS):
+            raise ValueError(f"unet must be an ldm_jax UNet, DiT or PixArtDiT, got {type(unet).__name__}")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"unknown objective {objective!r}; expected one of {OBJECTIVES}")
         first_stage = PixelSpace(unet.in_channels) if first_stage is None and concat is None else first_stage
         if first_stage is None:
             raise ValueError("a U-Net with concatenated conditioning channels needs an explicit first_stage")
         conditioner = Unconditional() if conditioner is None else conditioner
-        if prediction not in ("eps", "v", "x0"):
-            raise ValueError(f"unknown prediction type {prediction!r}; expected 'eps', 'v' or 'x0'")
+        predictions = FLOW_PREDICTIONS if objective == "flow" else ("eps", "v", "x0")
+        if prediction is None:
+            prediction = predictions[0]
+        if prediction not in predictions:
+            raise ValueError(f"unknown prediction type {prediction!r} for a {objective} model; expected one of {predictions}")
         if concat not in CONCAT_KINDS:
             raise ValueError(f"unknown concat kind {concat!r}; expected one of {CONCAT_KINDS}")
         self.unet = unet
         self.first_stage = first_stage
         self.conditioner = conditioner
-        self.schedule_config = schedule_config_of(schedule)
-        self.schedule = make_schedule(**self.schedule_config)
+        self.objective = objective
+        self.schedule_config = schedule_config_of(schedule, objective)
+        build_schedule = make_flow_schedule if objective == "flow" else make_schedule
+        self.schedule = build_schedule(**self.schedule_config)
         self.prediction = prediction
         self.concat = concat
         self.sampler_defaults = dict(sampler_defaults or {})
@@ -223,9 +262,10 @@ class LatentDiffusionPipeline:
     def _check_channels(self):
         fs, unet = self.first_stage, self.unet
         c = fs.latent_channels
-        out_ok = unet.out_channels in (c, 2 * c)
-        if not out_ok:
-            raise ValueError(f"U-Net out_channels={unet.out_channels} fits neither {c} latent channels nor 2 x {c}")
+        out = denoiser_out_channels(unet)
+        if out not in (c, 2 * c) or (self.objective == "flow" and out != c):
+            fits = f"{c} latent channels" + ("" if self.objective == "flow" else f" nor 2 x {c}")
+            raise ValueError(f"{type(unet).__name__} out_channels={out} does not fit {fits} ({self.objective} model)")
         if self.concat is None and unet.in_channels != c:
             raise ValueError(
                 f"U-Net in_channels={unet.in_channels} != {c} latent channels (set concat='inpainting' or 'low_res')"
@@ -236,7 +276,7 @@ class LatentDiffusionPipeline:
             raise ValueError(f"a low-res-conditioned U-Net needs in_channels > {c}, got {unet.in_channels}")
 
     def _check_conditioning(self):
-        rows = self.unet.resolved()["class_rows"]
+        rows = denoiser_class_rows(self.unet)
         cond = self.conditioner
         if isinstance(cond, ClassConditioner) and cond.embedder is None:
             if rows is None or rows < cond.num_classes + 1:
@@ -377,7 +417,12 @@ class LatentDiffusionPipeline:
 
     @property
     def learned_variance(self) -> bool:
-        return self.unet.out_channels == 2 * self.first_stage.latent_channels
+        return denoiser_out_channels(self.unet) == 2 * self.first_stage.latent_channels
+
+    @property
+    def default_sampler(self) -> str:
+        """The sampler used when none is named: "ddim" (DDPM models) or "flow_euler" (flow)."""
+        return "flow_euler" if self.objective == "flow" else "ddim"
 
     def _run(self, request: Request):
         """Pad to the device count, place, run the jitted program, trim."""

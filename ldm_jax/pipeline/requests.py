@@ -173,7 +173,7 @@ def prepare_request(
     class_labels: int | Sequence[int] | None = None,
     num_images: int | None = None,
     negative_prompt: str | Sequence[str] | None = None,
-    sampler: str = "ddim",
+    sampler: str | None = None,
     num_steps: int = 50,
     guidance_scale: float = 7.5,
     guidance_rescale: float = 0.0,
@@ -205,6 +205,7 @@ def prepare_request(
     sdxl_options = {k: sampler_options.pop(k) for k in list(sampler_options) if k in SDXL_OPTIONS}
     if sdxl_options and pipe.conditioner.kind != "sdxl":
         raise ValueError(f"{sorted(sdxl_options)[0]} applies to SDXL models, not to a {pipe.conditioner.kind!r}-conditioned one")
+    sampler = pipe.default_sampler if sampler is None else sampler
     conditions, n = _conditions(pipe, prompts, class_labels, num_images)
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"unknown output_type {output_type!r}; expected one of {OUTPUT_TYPES}")
@@ -421,7 +422,9 @@ def _sampler_options(pipe, sampler: str, num_steps: int, eta: float, overrides: 
         options["variance"] = "learned"
     options["eta"] = float(eta)
     options.update(overrides)
-    resolve_sampler(sampler, pipe.schedule.num_timesteps, num_steps=num_steps, **options)
+    # The schedule itself (not its timestep count): a sampler of the other objective is refused
+    # in one line naming it and the valid ones.
+    resolve_sampler(sampler, pipe.schedule, num_steps=num_steps, **options)
     return tuple(sorted(options.items()))
 
 # ------------------------------------------------------------------ execution

@@ -57,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.data import DataLoader, build_dataset
+from ldm_jax.diffusion.samplers import resolve_sampler
 from ldm_jax.ldm.conditioning import NEEDS_CAPTIONS
 from ldm_jax.ldm.generation import Program, generate
 from ldm_jax.ldm.model import DiffusionModel, build_model, model_sections, params_fingerprint
@@ -239,6 +240,11 @@ def build_stage(config: Any, data_stats: Any, *, source: Any = None, run: Any = 
     preview_config = merge_section(diffusion_preview_defaults(), config.get("preview"), "preview")
     info = dataset_info(data_stats)
     model = build_model(sections, info)
+    try:  # a DDPM sampler for a flow model (or the reverse) fails now, in one line, not at the first preview
+        resolve_sampler(str(preview_config.sampler), model.schedule, num_steps=int(preview_config.num_steps),
+                        prediction=model.prediction)
+    except ValueError as error:
+        raise ValueError(f"config.preview.sampler: {error}") from None
     fs = model.first_stage
     if source is None and (fs.kind != "identity" or model.conditioner.kind in NEEDS_CAPTIONS):
         source = build_dataset(config.data)

@@ -1,0 +1,103 @@
+#!/usr/bin/env python
+"""Measure class-conditional digit samples of exported model folders with the digits classifier
+of the evaluation work (issue 13): conditional accuracy (the classifier's argmax is the
+requested digit) and the Frechet distance in its feature space against the real training
+digits (with the real-vs-real floor).
+
+    python scripts/eval_digits_quality.py --model runs/demo/ldm/model:ddpm:100 \
+        --model runs/ditflow/dit/model:flow_euler:50 --per_class 50 --classifier_src /work/wt/evalm
+
+``--model FOLDER:SAMPLER:STEPS`` (a model folder, or ``WORKDIR@STEP`` for a training run's
+checkpoint, read without touching the run). Until ``ldm_jax.evaluation.classifier`` is merged, its file is
+loaded at run time from ``--classifier_src`` (another checkout); nothing of it is copied here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def load_classifier_module(src: str | None):
+    try:
+        from ldm_jax.evaluation import classifier  # merged
+
+        return classifier
+    except ImportError:
+        pass
+    path = os.path.join(src, "ldm_jax", "evaluation", "classifier.py")
+    spec = importlib.util.spec_from_file_location("ldm_jax.evaluation.classifier", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", action="append", required=True, help="FOLDER:SAMPLER:STEPS")
+    p.add_argument("--per_class", type=int, default=50)
+    p.add_argument("--guidance_scale", type=float, default=3.0)
+    p.add_argument("--batch_size", type=int, default=100)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--classifier_src", default="/work/wt/evalm")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--grid_dir", default=None, help="write a grid (one row per digit, 8 columns) per model here")
+    args = p.parse_args()
+
+    import numpy as np
+
+    from ldm_jax.pipeline import from_workdir, load_model_folder
+
+    clf = load_classifier_module(args.classifier_src)
+    labels = np.repeat(np.arange(10), args.per_class)
+    results = {}
+    for entry in args.model:
+        folder, sampler, steps = entry.rsplit(":", 2)
+        if "@" in folder:
+            workdir, step = folder.rsplit("@", 1)
+            pipe = from_workdir(workdir, int(step), batch_invariant=False)
+        else:
+            pipe = load_model_folder(folder, batch_invariant=False)
+        start = time.process_time()
+        images = []
+        for i in range(0, len(labels), args.batch_size):
+            chunk = labels[i : i + args.batch_size].tolist()
+            images.append(pipe(class_labels=chunk, sampler=sampler, num_steps=int(steps),
+                               guidance_scale=args.guidance_scale, seed=args.seed,
+                               image_indices=list(range(i, i + len(chunk)))))
+        images = np.concatenate(images)
+        cpu = time.process_time() - start
+        if args.grid_dir:
+            from PIL import Image
+
+            cols = min(8, args.per_class)
+            tiles = images.reshape(10, args.per_class, *images.shape[1:])[:, :cols, ..., 0]
+            grid = np.pad(tiles, ((0, 0), (0, 0), (1, 1), (1, 1))).transpose(0, 2, 1, 3)
+            grid = grid.reshape(10 * (images.shape[1] + 2), cols * (images.shape[2] + 2))
+            os.makedirs(args.grid_dir, exist_ok=True)
+            name = os.path.basename(os.path.normpath(folder.replace("@", "_step")))
+            Image.fromarray(np.kron(grid, np.ones((3, 3), np.uint8))).save(os.path.join(args.grid_dir, f"{name}.png"))
+        metrics = clf.digits_quality(images, labels, resolution=images.shape[1])
+        metrics.update(sampler=sampler, steps=int(steps), sampling_cpu_s=cpu,
+                       denoiser=type(pipe.unet).__name__, objective=pipe.objective)
+        results[folder] = metrics
+        print(folder, json.dumps(metrics), flush=True)
+    results["_meta"] = {"per_class": args.per_class, "guidance_scale": args.guidance_scale, "seed": args.seed,
+                        "loadavg_1min": os.getloadavg()[0],
+                        "cpu_s_total": resource.getrusage(resource.RUSAGE_SELF).ru_utime}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
