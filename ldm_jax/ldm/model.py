@@ -122,7 +122,10 @@ assert tuple(DENOISER_BUILDERS) == tuple(DENOISER_DEFAULTS)
 class DiffusionModel:
     """Everything needed to train and sample: the denoiser (``unet``: a ``UNet`` today, see
     :data:`DENOISER_BUILDERS`), conditioner, frozen first stage, schedule, objective.
-    ``conditioner_frozen_params``: a frozen text encoder's params."""
+    ``conditioner_frozen_params``: a frozen text encoder's params. ``conditioner_frozen``
+    overrides whether the conditioner's params are frozen (encoded in ``prepare_batch`` from
+    ``frozen_params()``) or in the trained tree (encoded in ``loss_fn``); None: frozen unless
+    the conditioner is trainable (fine-tuning a CLIP text encoder sets False)."""
 
     unet: UNet
     conditioner: Conditioner
@@ -134,6 +137,7 @@ class DiffusionModel:
     sample_posterior: bool
     latent_size: int
     conditioner_frozen_params: Any = None
+    conditioner_frozen: bool | None = None
 
     @property
     def schedule(self):
@@ -146,7 +150,9 @@ class DiffusionModel:
     @property
     def conditioner_is_frozen(self) -> bool:
         c = self.conditioner
-        return c.params_key is not None and not c.trainable
+        if c.params_key is None:
+            return False
+        return not c.trainable if self.conditioner_frozen is None else bool(self.conditioner_frozen)
 
     def with_scale(self, scale_factor: float) -> "DiffusionModel":
         return dataclasses.replace(self, first_stage=self.first_stage.with_scale(scale_factor))
@@ -199,7 +205,10 @@ class DiffusionModel:
         return out
 
     def loss_fn(self, params, batch, key):
-        """The denoising loss of one (prepared) batch and its aux metrics."""
+        """The denoising loss of one (prepared) batch and its aux metrics. With
+        ``batch["loss_weight"]`` [B] the loss is the mean of ``loss_weight_i * loss_i`` over the
+        per-example losses (DreamBooth's prior preservation; a mean, so microbatches average
+        to the same loss)."""
         drop_key, loss_key, dropout_key = jax.random.split(key, 3)
         latents = batch["latents"]
         c = self.conditioner
@@ -214,15 +223,12 @@ class DiffusionModel:
                 {"params": params["unet"]}, x, t, train=True, rngs={"dropout": dropout_key}, **cond_kwargs
             )
 
-        loss = diffusion_loss(
-            self.schedule,
-            model_fn,
-            latents,
-            loss_key,
-            prediction=self.prediction,
-            weighting=self.weighting,
-            min_snr_gamma=self.min_snr_gamma,
-        )
+        objective = dict(prediction=self.prediction, weighting=self.weighting, min_snr_gamma=self.min_snr_gamma)
+        if "loss_weight" in batch:
+            per_example = diffusion_loss(self.schedule, model_fn, latents, loss_key, reduce="none", **objective)
+            loss = jnp.mean(per_example * batch["loss_weight"].astype(jnp.float32))
+        else:
+            loss = diffusion_loss(self.schedule, model_fn, latents, loss_key, **objective)
         return loss, {"latent_std": jnp.std(latents)}
 
 

@@ -77,6 +77,11 @@ class Task:
     what ``loss_fn`` sees (e.g. images -> latents); it is jitted on its own with
     ``frozen_params`` as an argument and its key is ``fold_in(step key, PREPARE_STREAM)``, so a
     resumed run prepares the same batches.
+
+    ``loss_takes_frozen``: ``loss_fn`` also takes the placed frozen params as a keyword
+    argument, ``loss_fn(params, batch, key[, step], frozen=frozen_params)``, an argument of
+    the compiled step (fine-tuning: the frozen base weights, FSDP-sharded by the rules like
+    trained params, never compile-time constants).
     """
 
     init_params: InitParamsFn
@@ -84,6 +89,7 @@ class Task:
     loss_takes_step: bool = False
     frozen_params: Any = None
     prepare_batch: Callable[[Any, Any, jax.Array], Any] | None = None
+    loss_takes_frozen: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +187,9 @@ def _train(
         position = 0
     step = int(jax.device_get(state.step))
 
+    frozen = frozen_shardings = None
+    if task.prepare_batch is not None or task.loss_takes_frozen:
+        frozen, frozen_shardings = place_frozen(task.frozen_params, mesh, rules)
     train_step = compile_train_step(
         make_train_step(
             task.loss_fn,
@@ -194,12 +203,13 @@ def _train(
         ),
         shardings,
         mesh,
+        frozen_shardings if task.loss_takes_frozen else None,
     )
+    step_frozen = (frozen,) if task.loss_takes_frozen else ()
     key_fn = jax.jit(step_key, out_shardings=mesh_lib.replicated(mesh))
     b_sharding = mesh_lib.batch_sharding(mesh)
     prepare = None
     if task.prepare_batch is not None:
-        frozen, frozen_shardings = place_frozen(task.frozen_params, mesh, rules)
         prepare = compile_prepare_batch(task, frozen_shardings, mesh)
         prepare_key_fn = jax.jit(
             lambda key: jax.random.fold_in(key, PREPARE_STREAM), out_shardings=mesh_lib.replicated(mesh)
@@ -254,7 +264,7 @@ def _train(
         key = key_fn(state.rng, step)
         if prepare is not None:
             batch = prepare(frozen, batch, prepare_key_fn(key))
-        state, metrics = train_step(state, batch, key)
+        state, metrics = train_step(state, batch, key, *step_frozen)
         step += 1
         last_metrics = check(unchecked)
         unchecked = (step, metrics)

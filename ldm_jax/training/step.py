@@ -67,6 +67,7 @@ def train_step(
     state: TrainState,
     batch: Any,
     key: jax.Array,
+    frozen: Any = None,
     *,
     loss_fn: LossFn,
     tx: optax.GradientTransformation,
@@ -84,7 +85,13 @@ def train_step(
     (means over the global batch), ``grad_norm`` (global norm before clipping), ``lr`` (the
     rate of this update), ``ema_decay`` and ``finite`` (1.0, or 0.0 when the loss or the
     gradient was NaN/inf, in which case the returned state is the input state unchanged).
+
+    ``frozen``: a tree of frozen arrays (a fine-tuned model's base weights) passed on to
+    ``loss_fn(..., frozen=frozen)``; an argument of the step, so never a compiled constant.
     """
+    if frozen is not None:
+        frozen_loss_fn = loss_fn
+        loss_fn = lambda params, batch, key, *rest: frozen_loss_fn(params, batch, key, *rest, frozen=frozen)  # noqa: E731
     if loss_takes_step:
         # Losses with a schedule of their own (e.g. the discriminator starting at step N) see
         # the number of updates done so far, as a traced scalar.
@@ -180,14 +187,20 @@ def make_train_step(
     )
 
 
-def compile_train_step(step_fn: StepFn, state_shardings: TrainState, mesh: Mesh) -> StepFn:
+def compile_train_step(
+    step_fn: StepFn, state_shardings: TrainState, mesh: Mesh, frozen_shardings: Any = None
+) -> StepFn:
     """``jax.jit`` of ``step_fn`` with explicit shardings: state as ``state_shardings`` (and
     donated, so the update happens in place), batch split over the data axes, key and
-    metrics replicated."""
+    metrics replicated. With ``frozen_shardings`` the step takes a fourth argument, the
+    frozen tree (``train_step``'s ``frozen``), sharded so and not donated."""
     replicated = mesh_lib.replicated(mesh)
+    in_shardings = (state_shardings, mesh_lib.batch_sharding(mesh), replicated)
+    if frozen_shardings is not None:
+        in_shardings += (frozen_shardings,)
     return jax.jit(
         step_fn,
-        in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh), replicated),
+        in_shardings=in_shardings,
         out_shardings=(state_shardings, replicated),
         donate_argnums=(0,),
     )

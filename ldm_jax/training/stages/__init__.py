@@ -15,6 +15,7 @@ from types import ModuleType
 STAGES: dict[str, str] = {
     "autoencoder": "ldm_jax.training.stages.autoencoder",
     "diffusion": "ldm_jax.training.stages.diffusion",
+    "finetune": "ldm_jax.training.stages.finetune",
 }
 
 
