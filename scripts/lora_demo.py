@@ -95,12 +95,21 @@ def grid(rows: list[np.ndarray], pad: int = 2) -> np.ndarray:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", default=os.path.join(ROOT, "runs/demo/ldm/model"), help="exported digits LDM folder")
+    p.add_argument("--base_workdir", default=None,
+                   help="instead of --base: a digits_ldm training workdir; its latest checkpoint's EMA model is "
+                        "exported to <workdir>/base and used (read-only on that workdir, safe while it trains)")
     p.add_argument("--workdir", default=os.path.join(ROOT, "runs/lora_demo"))
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--samples_per_class", type=int, default=8)
     p.add_argument("--sample_steps", type=int, default=50)
     p.add_argument("--out", default=os.path.join(ROOT, "docs"))
     args = p.parse_args(argv)
+    if args.base_workdir:
+        from ldm_jax.pipeline import from_workdir, save_model_folder
+
+        args.base = os.path.join(args.workdir, "base")
+        if not os.path.isfile(os.path.join(args.base, "ldm_jax.json")):
+            save_model_folder(from_workdir(args.base_workdir), args.base, overwrite=True)
     if not os.path.isfile(os.path.join(args.base, "ldm_jax.json")):
         print(f"lora_demo.py: error: no exported model in {args.base} (run `make demo`, or pass --base)", file=sys.stderr)
         return 2

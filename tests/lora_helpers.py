@@ -57,3 +57,57 @@ def write_image_folder(root: str, images: np.ndarray, labels=None) -> str:
         os.makedirs(sub, exist_ok=True)
         Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(os.path.join(sub, f"{i:04d}.png"))
     return root
+
+
+def save_tiny_sd_folder(folder: str) -> str:
+    """A random-weight diffusers Stable Diffusion folder (UNet2DConditionModel, AutoencoderKL,
+    CLIPTextModel, CLIPTokenizer, DDIMScheduler, model_index.json), tiny: 16-pixel images,
+    8x8x4 latents."""
+    import json
+    import shutil
+
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTokenizer as HFCLIPTokenizer
+
+    torch.manual_seed(0)
+    os.makedirs(folder, exist_ok=True)
+    chars = [chr(b) for b in range(33, 127)]
+    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab_dir = os.path.join(folder, "_vocab")
+    os.makedirs(vocab_dir, exist_ok=True)
+    with open(os.path.join(vocab_dir, "vocab.json"), "w") as f:
+        json.dump({t: i for i, t in enumerate(tokens)}, f)
+    with open(os.path.join(vocab_dir, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    tokenizer = HFCLIPTokenizer(os.path.join(vocab_dir, "vocab.json"), os.path.join(vocab_dir, "merges.txt"),
+                                model_max_length=8)
+    n = len(tokenizer)
+    text = CLIPTextModel(CLIPTextConfig(
+        vocab_size=n, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=8, bos_token_id=n - 2, eos_token_id=n - 1, pad_token_id=n - 1,
+    )).eval()
+    vae = AutoencoderKL(block_out_channels=(8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2).eval()
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=2,
+    ).eval()
+    vae.save_pretrained(os.path.join(folder, "vae"))
+    text.save_pretrained(os.path.join(folder, "text_encoder"))
+    unet.save_pretrained(os.path.join(folder, "unet"))
+    tokenizer.save_pretrained(os.path.join(folder, "tokenizer"))
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(os.path.join(vocab_dir, name), os.path.join(folder, "tokenizer", name))
+    DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(
+        os.path.join(folder, "scheduler"))
+    with open(os.path.join(folder, "model_index.json"), "w") as f:
+        json.dump({
+            "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"],
+            "safety_checker": [None, None], "feature_extractor": [None, None],
+        }, f)
+    return folder
