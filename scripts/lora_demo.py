@@ -137,9 +137,13 @@ def main(argv=None) -> int:
     config.train.num_steps = int(args.steps)
     config.checkpoint.every_steps = max(1, int(args.steps) // 2)
     config.logging.progress_bar = False
+    config.preview.every_steps = -1  # the before/after samples below are the preview
     train_start = time.process_time()
     result = train_cli.run(config, os.path.join(args.workdir, "run"))
     train_cpu = time.process_time() - train_start
+    if result.preempted or result.step != int(args.steps):
+        print(f"lora_demo.py: training stopped at step {result.step}; re-run the same command to resume", file=sys.stderr)
+        return 1
     lora_dir = os.path.join(args.workdir, "run", "model")
 
     adapted = base.with_loras([lora_dir])
@@ -188,4 +192,9 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("jax").setLevel(logging.WARNING)
     sys.exit(main())

@@ -36,7 +36,7 @@ def db_config(base_dir, data_dir, class_dir, method="lora", prior_loss_weight=0.
     c.dreambooth.class_batch_size = 4
     c.dreambooth.class_guidance_scale = 2.0
     c.dreambooth.class_dir = str(class_dir)
-    c.train.global_batch_size = 4
+    c.train.global_batch_size = 8
     c.train.num_steps = 2
     c.train.log_every = 1
     c.checkpoint.every_steps = 2
@@ -55,7 +55,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("dreambooth")
     base_dir = H.save_tiny_base(str(root / "base"), seed=3)
     rng = np.random.default_rng(0)
-    instances = (rng.random((4, 8, 8, 3)) * 255).astype(np.uint8)
+    instances = (rng.random((8, 8, 8, 3)) * 255).astype(np.uint8)
     data_dir = H.write_image_folder(str(root / "instances"), instances)
     return dict(root=root, base=base_dir, data=data_dir, instances=instances)
 
@@ -94,8 +94,8 @@ def test_prior_preservation_loss_is_instance_plus_weighted_prior_by_hand(setup):
     stage = finetune.build_stage(config, dataset_stats(source), source=source)
     ft = stage.model
     db_source = stage.data_source
-    assert len(db_source) == 4  # max(4 instances, 3 class images)
-    batch = stage.host_batch(DataLoader(db_source, 4, shuffle=False).get_batch(0))
+    assert len(db_source) == 8  # max(8 instances, 3 class images)
+    batch = stage.host_batch(DataLoader(db_source, 8, shuffle=False).get_batch(0))
     frozen = nn.meta.unbox(stage.task.frozen_params)
     key = jax.random.key(7)
     prepared = stage.task.prepare_batch(frozen, jax.tree.map(jnp.asarray, batch), key)
@@ -104,7 +104,7 @@ def test_prior_preservation_loss_is_instance_plus_weighted_prior_by_hand(setup):
     from PIL import Image
 
     pipe_images = np.stack([np.asarray(Image.open(setup["root"] / "class_images" / f"{i:05d}.png")) for i in range(3)])
-    expected = np.concatenate([setup["instances"], pipe_images[[0, 1, 2, 0]]]).astype(np.float64) / 127.5 - 1.0
+    expected = np.concatenate([setup["instances"], pipe_images[[0, 1, 2, 0, 1, 2, 0, 1]]]).astype(np.float64) / 127.5 - 1.0
     np.testing.assert_allclose(prepared["latents"], expected, atol=1e-6)  # pixel space: latents are the images
 
     trained = jax.tree.map(lambda x: x + 0.1, nn.meta.unbox(ft.init_params(jax.random.key(1))))  # B non-zero
@@ -115,7 +115,7 @@ def test_prior_preservation_loss_is_instance_plus_weighted_prior_by_hand(setup):
     model = ft.model
     params = ft.compose(trained, frozen["base"])
     _, loss_key, _ = jax.random.split(key, 3)
-    prompts = ["a sks shape"] * 4 + ["a shape"] * 4
+    prompts = ["a sks shape"] * 8 + ["a shape"] * 8
     context = model.conditioner.encode(params["text_encoder"], model.conditioner.host_inputs(prompts))["context"]
     per = diffusion_loss(
         model.schedule, lambda x, t: model.unet.apply({"params": params["unet"]}, x, t, context=context),
@@ -123,8 +123,8 @@ def test_prior_preservation_loss_is_instance_plus_weighted_prior_by_hand(setup):
         prediction=model.prediction, weighting=model.weighting, min_snr_gamma=model.min_snr_gamma,
     )
     per = np.asarray(per, np.float64)
-    hand = per[:4].mean() + w * per[4:].mean()
-    assert per[:4].mean() != pytest.approx(per[4:].mean(), rel=1e-3)  # the weight matters
+    hand = per[:8].mean() + w * per[8:].mean()
+    assert per[:8].mean() != pytest.approx(per[8:].mean(), rel=1e-3)  # the weight matters
     np.testing.assert_allclose(float(loss), hand, rtol=1e-6)
 
 
