@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the control image of each --controlnet, in order (resized to the image size)")
     p.add_argument("--controlnet_scale", action="append", type=float, default=None, metavar="S",
                    help="conditioning scale of each --controlnet (one value for all; default 1.0)")
+    p.add_argument(
+        "--lora", action="append", default=[], metavar="PATH[:SCALE]",
+        help="a LoRA file (diffusers/peft or kohya .safetensors, or a folder with pytorch_lora_weights.safetensors) "
+        "merged into the weights with SCALE (default 1); repeatable",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--compilation_cache", default=None, metavar="DIR", help="persistent XLA compilation cache dir")
     p.add_argument(
@@ -206,6 +211,26 @@ def _sdxl_options(args) -> dict:
     return out
 
 
+def _lora_specs(args) -> list[tuple[str, float]]:
+    """``--lora PATH[:SCALE]`` -> [(path, scale)]; a path may itself hold ':' (the scale is the
+    part after the last one, when it is a number)."""
+    specs = []
+    for spec in args.lora:
+        path, scale = spec, 1.0
+        head, sep, tail = spec.rpartition(":")
+        if sep and head:
+            try:
+                path, scale = head, float(tail)
+            except ValueError:
+                pass
+        if not math.isfinite(scale):
+            raise BadInput(f"--lora {spec!r}: the scale must be a finite number")
+        if not os.path.exists(path):
+            raise BadInput(f"--lora file not found: {path}")
+        specs.append((path, scale))
+    return specs
+
+
 def _load_pipeline(args):
     if args.model_dir is not None:
         from ldm_jax.pipeline import load_model_folder
@@ -227,6 +252,8 @@ def _regenerate_command(args, kind: str, value, index: int) -> str:
             cmd += ["--step", str(args.step)]
         if args.config is not None:
             cmd += ["--config", os.path.abspath(args.config)]
+    for path, scale in _lora_specs(args):
+        cmd += ["--lora", f"{os.path.abspath(path)}:{scale!r}"]
     if kind == "prompt":
         cmd += ["--prompt", value]
     elif kind == "class":
@@ -291,6 +318,7 @@ def run(args) -> int:
     from PIL import Image
     from tqdm import tqdm
 
+    loras = _lora_specs(args)
     pipe = _load_pipeline(args)
     refiner = None
     if args.refiner_dir is not None:
@@ -299,6 +327,13 @@ def run(args) -> int:
         refiner = load_model_folder(args.refiner_dir, batch_invariant=not args.fast_batching, variant=args.variant)
     if args.sampler is None:  # the model's objective decides (DDPM: ddim, flow: flow_euler)
         args.sampler = pipe.default_sampler
+    if loras:
+        from ldm_jax.interop.torch_weights import WeightsError
+
+        try:
+            pipe = pipe.with_loras(loras)
+        except (WeightsError, ValueError) as error:
+            raise BadInput(f"--lora: {error}") from None
     images_in = {}
     if args.controlnet:
         from ldm_jax.interop.diffusers_controlnet import load_diffusers_controlnet
@@ -339,6 +374,12 @@ def run(args) -> int:
         "checkpoint_step": pipe.info.get("step"),
         "params_hash": pipe.params_hash,
     }
+    if loras:
+        model_record["loras"] = [
+            {"path": os.path.abspath(path), "scale": scale, "sha256": _file_sha256(
+                os.path.join(path, "pytorch_lora_weights.safetensors") if os.path.isdir(path) else path)}
+            for path, scale in loras
+        ]
     inputs_record = {
         name: {"path": os.path.abspath(getattr(args, name)), "sha256": _file_sha256(getattr(args, name))}
         for name in images_in if name in ("init_image", "mask", "low_res")

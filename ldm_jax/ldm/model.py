@@ -171,6 +171,9 @@ class DiffusionModel:
     ``PixArtDiT``, see :data:`DENOISER_BUILDERS`; the field keeps its name, and the params
     key ``"unet"``, for every family), conditioner, frozen first stage, schedule, objective.
     ``conditioner_frozen_params``: a frozen text encoder's params.
+    ``conditioner_frozen`` overrides whether the conditioner's params are frozen (encoded in
+    ``prepare_batch`` from ``frozen_params()``) or in the trained tree (encoded in ``loss_fn``);
+    None: frozen unless the conditioner is trainable (fine-tuning a CLIP text encoder sets False).
 
     ``objective="flow"``: ``schedule_config`` holds ``make_flow_schedule`` keyword arguments,
     ``prediction`` is a flow prediction ("velocity" | "eps" | "x0") and ``flow_options`` the
@@ -188,6 +191,7 @@ class DiffusionModel:
     conditioner_frozen_params: Any = None
     objective: str = "ddpm"
     flow_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    conditioner_frozen: bool | None = None
 
     @property
     def schedule(self):
@@ -208,7 +212,9 @@ class DiffusionModel:
     @property
     def conditioner_is_frozen(self) -> bool:
         c = self.conditioner
-        return c.params_key is not None and not c.trainable
+        if c.params_key is None:
+            return False
+        return not c.trainable if self.conditioner_frozen is None else bool(self.conditioner_frozen)
 
     def with_scale(self, scale_factor: float) -> "DiffusionModel":
         return dataclasses.replace(self, first_stage=self.first_stage.with_scale(scale_factor))
@@ -261,7 +267,10 @@ class DiffusionModel:
         return out
 
     def loss_fn(self, params, batch, key):
-        """The denoising loss of one (prepared) batch and its aux metrics."""
+        """The denoising loss of one (prepared) batch and its aux metrics. With
+        ``batch["loss_weight"]`` [B] the loss is the mean of ``loss_weight_i * loss_i`` over the
+        per-example losses (DreamBooth's prior preservation; a mean, so microbatches average
+        to the same loss)."""
         drop_key, loss_key, dropout_key = jax.random.split(key, 3)
         latents = batch["latents"]
         c = self.conditioner
@@ -278,16 +287,14 @@ class DiffusionModel:
             )
 
         loss_fn = flow_loss if self.objective == "flow" else diffusion_loss
-        loss = loss_fn(
-            self.schedule,
-            model_fn,
-            latents,
-            loss_key,
-            prediction=self.prediction,
-            weighting=self.weighting,
-            min_snr_gamma=self.min_snr_gamma,
-            **dict(self.flow_options),
-        )
+        objective = dict(prediction=self.prediction, weighting=self.weighting, min_snr_gamma=self.min_snr_gamma)
+        objective.update(self.flow_options)
+        if "loss_weight" in batch:
+            # Per-example weights (DreamBooth's prior-preservation loss weight).
+            per_example = loss_fn(self.schedule, model_fn, latents, loss_key, reduce="none", **objective)
+            loss = jnp.mean(per_example * batch["loss_weight"].astype(jnp.float32))
+        else:
+            loss = loss_fn(self.schedule, model_fn, latents, loss_key, **objective)
         return loss, {"latent_std": jnp.std(latents)}
 
 

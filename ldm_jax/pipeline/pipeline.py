@@ -249,6 +249,37 @@ class LatentDiffusionPipeline:
         other._fingerprint = None
         return other
 
+    def with_loras(self, loras) -> "LatentDiffusionPipeline":
+        """A pipeline with LoRA files merged into copies of this one's weights (this one is
+        unchanged): ``loras`` is a sequence of paths or ``(path, scale)`` pairs, each a
+        diffusers/peft ``pytorch_lora_weights.safetensors`` (or its folder) or a kohya file
+        (:func:`ldm_jax.interop.lora_formats.load_lora`). Every layer gets
+        ``W + sum_i scale_i * scaling_i * A_i B_i``; the U-Net factors and, for text models,
+        the text encoder's are merged before the jitted program, which stays the same."""
+        from ldm_jax.interop.lora_formats import load_lora
+        from ldm_jax.models.lora import merge
+
+        components = {"unet": self.params["unet"]}
+        if isinstance(self.conditioner, TextConditioner):
+            components["text_encoder"] = self.params["conditioner"]
+        weighted: dict[str, list] = {name: [] for name in components}
+        applied = []
+        for item in loras:
+            path, scale = (item, 1.0) if isinstance(item, (str, os.PathLike)) else item
+            for name, lora in load_lora(path, components).items():
+                weighted[name].append((lora, float(scale)))
+            applied.append({"path": os.path.abspath(os.fspath(path)), "scale": float(scale)})
+        params = dict(self.params)
+        for name, key in (("unet", "unet"), ("text_encoder", "conditioner")):
+            if weighted.get(name):
+                params[key] = jax.device_get(merge(self.params[key], weighted[name]))
+        other = copy.copy(self)
+        other.params = params
+        other.info = {**self.info, "loras": list(self.info.get("loras", [])) + applied}
+        other._fingerprint = None
+        other._set_devices(list(self.mesh.devices.flat))
+        return other
+
     def _set_devices(self, devices):
         devices = list(jax.devices() if devices is None else devices)
         if not devices:

@@ -16,6 +16,7 @@ STAGES: dict[str, str] = {
     "autoencoder": "ldm_jax.training.stages.autoencoder",
     "diffusion": "ldm_jax.training.stages.diffusion",
     "controlnet": "ldm_jax.training.stages.controlnet",
+    "finetune": "ldm_jax.training.stages.finetune",
 }
 
 

@@ -113,7 +113,7 @@ def preview_conditions(model: DiffusionModel, preview: Any, source: Any = None) 
 
 def make_preview_fn(
     model: DiffusionModel, preview: Any, frozen_placed: Any, cond: dict, uncond: dict | None, n: int,
-    out_sharding: Any = None, batch_sharding: Any = None,
+    out_sharding: Any = None, batch_sharding: Any = None, compose: Any = None,
 ):
     """``preview(ema_params, key) -> uint8 [N, H, W, C]``: the generation program
     (``ldm_jax.ldm.generation.generate``, as the pipeline runs it) jitted over one batch; its
@@ -121,7 +121,9 @@ def make_preview_fn(
     compile-time constant). Image i's noise is stream ``i`` of ``key``, as in the pipeline with
     ``seed`` -> ``PRNGKey(seed)``. ``out_sharding``: replicated, so every process can read it.
     ``batch_sharding``: split the images over devices (conditions placed with it); the returned
-    function then also takes ``cond`` (same structure as the one given) as a third argument."""
+    function then also takes ``cond`` (same structure as the one given) as a third argument.
+    ``compose(params, frozen) -> params``: inside the program, turns the trained tree into the
+    model's params (fine-tuning: a LoRA merged into the frozen base weights)."""
     guidance = float(preview.guidance_scale)
     use_cfg = model.conditioner.has_null and uncond is not None and guidance != 1.0
     program = Program(
@@ -135,6 +137,8 @@ def make_preview_fn(
 
     @functools.partial(jax.jit, out_shardings=out_sharding)
     def run(params, frozen, cond, uncond, key):
+        if compose is not None:
+            params = compose(params, frozen)
         generation_params = {
             "unet": params["unet"],
             "first_stage": frozen["first_stage"],
