@@ -69,7 +69,6 @@ def train_step(
     state: TrainState,
     batch: Any,
     key: jax.Array,
-    frozen: Any = None,
     *,
     loss_fn: LossFn,
     tx: optax.GradientTransformation,
@@ -93,9 +92,6 @@ def train_step(
     (means over the global batch), ``grad_norm`` (global norm before clipping), ``lr`` (the
     rate of this update), ``ema_decay`` and ``finite`` (1.0, or 0.0 when the loss or the
     gradient was NaN/inf, in which case the returned state is the input state unchanged).
-
-    ``frozen``: a tree of frozen arrays (a fine-tuned model's base weights) passed on to
-    ``loss_fn(..., frozen=frozen)``; an argument of the step, so never a compiled constant.
     """
     stateful = model_state_of(state) is not None
     if loss_takes_frozen:
