@@ -94,7 +94,7 @@ def train_step(
     gradient was NaN/inf, in which case the returned state is the input state unchanged).
     """
     stateful = model_state_of(state) is not None
-    if loss_takes_frozen:
+    if loss_takes_frozen or frozen is not None:
         if stateful:
             raise ValueError("a loss with model state cannot also take frozen params (loss_takes_frozen)")
         frozen_loss_fn = loss_fn
