@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-stamp
 TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=8 TF_CPP_MIN_LOG_LEVEL=2
 WORKDIR ?= runs/demo
 
-.PHONY: install test demo bench clean
+.PHONY: install test test-all demo bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ install: $(STAMP)
 
 # Two workers, one test file each at a time (module-scoped compiled fixtures stay shared).
 test: $(STAMP)
+	$(TEST_ENV) $(PY) -m pytest -x -q -n 2 --dist loadfile -m "not slow"
+
+# Everything, the slow whole-training-run modules too (about twice as long).
+test-all: $(STAMP)
 	$(TEST_ENV) $(PY) -m pytest -x -q -n 2 --dist loadfile
 
 demo: $(STAMP)

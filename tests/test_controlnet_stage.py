@@ -32,6 +32,9 @@ from ldm_jax.pipeline import LatentDiffusionPipeline, save_model_folder  # noqa:
 from ldm_jax.training import workdir as wd  # noqa: E402
 from ldm_jax.training.loop import Hook  # noqa: E402
 
+# Whole training runs in module fixtures: minutes on 2 cores; `make test-all` runs them.
+pytestmark = pytest.mark.slow
+
 SIZE = 8
 
 

@@ -18,6 +18,9 @@ from configs import base as config_base
 from ldm_jax.diffusion import diffusion_loss
 from ldm_jax.training.stages.finetune_sections import add_finetune_sections
 
+# Whole training runs in module fixtures: minutes on 2 cores; `make test-all` runs them.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

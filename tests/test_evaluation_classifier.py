@@ -17,6 +17,9 @@ import pytest
 from ldm_jax.data import build_dataset
 from ldm_jax.evaluation import classifier as C
 
+# Whole training runs in module fixtures: minutes on 2 cores; `make test-all` runs them.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = {"name": "digits", "resolution": 32, "channels": 1}
 

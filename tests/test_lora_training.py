@@ -27,6 +27,9 @@ from ldm_jax.training import workdir as wd
 from ldm_jax.training.loop import Hook
 from ldm_jax.training.stages.finetune_sections import add_finetune_sections
 
+# Whole training runs in module fixtures: minutes on 2 cores; `make test-all` runs them.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 spec = importlib.util.spec_from_file_location("train_cli", os.path.join(ROOT, "train.py"))
 train_cli = importlib.util.module_from_spec(spec)

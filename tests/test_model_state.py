@@ -13,6 +13,9 @@ import pytest
 from ldm_jax.training.defaults import training_defaults
 from ldm_jax.training.loop import Task, train
 
+# Whole training runs in module fixtures: minutes on 2 cores; `make test-all` runs them.
+pytestmark = pytest.mark.slow
+
 DIM, BATCH = 4, 16
 
 

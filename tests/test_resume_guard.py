@@ -26,6 +26,9 @@ from configs import digits_autoencoder, digits_ldm  # noqa: E402
 from ldm_jax.training import resume_guard  # noqa: E402
 from ldm_jax.training import workdir as wd  # noqa: E402
 
+# Whole training runs in module fixtures: minutes on 2 cores; `make test-all` runs them.
+pytestmark = pytest.mark.slow
+
 
 def _load_train_module():
     """train.py as a module, loaded once per process (it defines absl flags; test files share it)."""

@@ -24,6 +24,9 @@ import pytest
 from configs import sdxl as sdxl_config
 from configs import shapes_ldm
 
+# Whole training runs in module fixtures: minutes on 2 cores; `make test-all` runs them.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

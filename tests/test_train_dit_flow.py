@@ -27,6 +27,9 @@ if ROOT not in sys.path:
 from configs import digits_autoencoder, digits_dit_flow, digits_ldm, shapes_dit_flow  # noqa: E402
 from ldm_jax.training import workdir as wd  # noqa: E402
 
+# Whole training runs in module fixtures: minutes on 2 cores; `make test-all` runs them.
+pytestmark = pytest.mark.slow
+
 
 def _load_train_module():
     spec = importlib.util.spec_from_file_location("train_cli_dit", os.path.join(ROOT, "train.py"))
