@@ -109,7 +109,7 @@ def interrupted(tmp_path_factory, run_env):
     second.send_signal(signal.SIGTERM)
     facts["term_rc"], facts["term_out"], facts["term_err"] = _finish(second)
     facts["after_term"] = _complete_steps(ckpt)
-    facts["leftovers_after_term"] = sorted(n for n in os.listdir(ckpt) if not n.isdigit() and n != "config.json")
+    facts["leftovers_after_term"] = sorted(n for n in os.listdir(ckpt) if not n.isdigit() and n not in ("config.json", "config_history.jsonl"))
     with Checkpointer(ckpt) as checkpointer:
         facts["latest_after_term"] = checkpointer.latest_step()
         facts["term_metadata"] = checkpointer.metadata()

@@ -132,9 +132,9 @@ def test_prior_preservation_loss_is_instance_plus_weighted_prior_by_hand(setup):
 
 
 def test_full_finetune_dreambooth_trains_and_exports_a_model_folder(setup, tmp_path):
-    spec = importlib.util.spec_from_file_location("train_cli", os.path.join(ROOT, "train.py"))
-    train_cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_cli)
+    from cli_modules import load_cli
+
+    train_cli = load_cli("train")
     from ldm_jax.pipeline import load_model_folder
     from ldm_jax.training import workdir as wd
 

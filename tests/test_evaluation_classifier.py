@@ -106,10 +106,9 @@ def test_digits_quality_matches_classifier_quality(trained):
 
 
 def _train_cli():
-    spec = importlib.util.spec_from_file_location("train_cli_eval", os.path.join(ROOT, "train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from cli_modules import load_cli
+
+    return load_cli("train")
 
 
 def _quiet(c):

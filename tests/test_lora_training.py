@@ -31,9 +31,9 @@ from ldm_jax.training.stages.finetune_sections import add_finetune_sections
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-spec = importlib.util.spec_from_file_location("train_cli", os.path.join(ROOT, "train.py"))
-train_cli = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train_cli)
+from cli_modules import load_cli  # noqa: E402
+
+train_cli = load_cli("train")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -31,10 +31,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _train_cli():
-    spec = importlib.util.spec_from_file_location("train_cli_sdxl", os.path.join(ROOT, "train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from cli_modules import load_cli
+
+    return load_cli("train")
 
 
 def test_sdxl_config_state_bytes_per_device_on_8_devices(capsys):

@@ -32,10 +32,9 @@ pytestmark = pytest.mark.slow
 
 
 def _load_train_module():
-    spec = importlib.util.spec_from_file_location("train_cli_dit", os.path.join(ROOT, "train.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from cli_modules import load_cli
+
+    return load_cli("train")
 
 
 train_cli = _load_train_module()
