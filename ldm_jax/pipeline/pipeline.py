@@ -318,9 +318,11 @@ class LatentDiffusionPipeline:
         elif rows is not None:
             raise ValueError(f"the U-Net has a class embedding ({rows} rows): use a ClassConditioner")
         unet = self.unet
-        if (unet.addition_embed_type == "text_time") != (cond.kind == "sdxl"):
+        # DiT / PixArt have no addition embedding: only U-Nets carry SDXL's text_time field.
+        addition = getattr(unet, "addition_embed_type", None)
+        if (addition == "text_time") != (cond.kind == "sdxl"):
             raise ValueError(
-                f"a U-Net with addition_embed_type={unet.addition_embed_type!r} cannot take the {cond.kind!r} conditioner "
+                f"a denoiser with addition_embed_type={addition!r} cannot take the {cond.kind!r} conditioner "
                 "(SDXL's text_time micro-conditioning and the sdxl conditioner go together)"
             )
         if cond.kind == "sdxl":
