@@ -228,8 +228,8 @@ def test_sdxl_img2img_and_inpainting_run_and_validate(ours):
 
 
 # Written at the end of the session; not yet run to completion on the loaded machine (the CLI
-# run itself completed and wrote its images): the lead runs these with LDM_JAX_SDXL_SLOW=1.
-@pytest.mark.skipif(not __import__("os").environ.get("LDM_JAX_SDXL_SLOW"), reason="set LDM_JAX_SDXL_SLOW=1")
+# run itself completed and wrote its images): marked slow: `make test-all` runs them.
+@pytest.mark.slow  # run by `make test-all`; not yet confirmed passing (see README Tests)
 def test_sample_cli_sdxl_base_and_refiner_match_the_python_api(folders, ours, tmp_path, capsys):
     import json
     import os
@@ -263,8 +263,8 @@ def test_sample_cli_sdxl_base_and_refiner_match_the_python_api(folders, ours, tm
 
 
 # Written at the end of the session; not yet run to completion on the loaded machine (the CLI
-# run itself completed and wrote its images): the lead runs these with LDM_JAX_SDXL_SLOW=1.
-@pytest.mark.skipif(not __import__("os").environ.get("LDM_JAX_SDXL_SLOW"), reason="set LDM_JAX_SDXL_SLOW=1")
+# run itself completed and wrote its images): marked slow: `make test-all` runs them.
+@pytest.mark.slow  # run by `make test-all`; not yet confirmed passing (see README Tests)
 def test_sdxl_pipelines_save_as_folders_diffusers_and_ldm_jax_load(ours, tmp_path):
     """save_model_folder of the base and the refiner: diffusers' SDXL pipelines load them with
     the same tensors; our reload gives the same latents, bit for bit."""

@@ -123,8 +123,8 @@ def test_tiny_sdxl_batches_carry_per_image_micro_conditioning(sdxl_folder, tmp_p
 
 
 # Not yet run to completion: on the loaded 2-core development machine it exceeded the 900 s
-# timeout while compiling (the lead runs it with LDM_JAX_SDXL_SLOW=1 on an idle machine).
-@pytest.mark.skipif(not os.environ.get("LDM_JAX_SDXL_SLOW"), reason="set LDM_JAX_SDXL_SLOW=1 (slow compile)")
+# timeout while compiling (marked slow: `make test-all` runs it).
+@pytest.mark.slow  # run by `make test-all`; not yet confirmed passing (see README Tests)
 def test_tiny_sdxl_run_trains_a_few_steps(sdxl_folder, tmp_path):
     config = _tiny_config(sdxl_folder)
     result = _train_cli().run(config, str(tmp_path / "run"))
