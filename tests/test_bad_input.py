@@ -37,13 +37,9 @@ from ldm_jax.training import cli  # noqa: E402
 
 def load_train_module():
     """train.py as a module, loaded once per process (it defines absl flags)."""
-    name = "ldm_jax_train_cli"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "train.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    from cli_modules import load_cli
+
+    return load_cli("train")
 
 
 train_cli = load_train_module()
