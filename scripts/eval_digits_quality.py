@@ -5,17 +5,16 @@ requested digit) and the Frechet distance in its feature space against the real 
 digits (with the real-vs-real floor).
 
     python scripts/eval_digits_quality.py --model runs/demo/ldm/model:ddpm:100 \
-        --model runs/ditflow/dit/model:flow_euler:50 --per_class 50 --classifier_src /work/wt/evalm
+        --model runs/ditflow/dit/model:flow_euler:50 --per_class 50
 
 ``--model FOLDER:SAMPLER:STEPS`` (a model folder, or ``WORKDIR@STEP`` for a training run's
-checkpoint, read without touching the run). Until ``ldm_jax.evaluation.classifier`` is merged, its file is
-loaded at run time from ``--classifier_src`` (another checkout); nothing of it is copied here.
+checkpoint, read without touching the run). The classifier is ``ldm_jax.evaluation.classifier``'s
+(trained once on the digits and cached).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -26,21 +25,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def load_classifier_module(src: str | None):
-    try:
-        from ldm_jax.evaluation import classifier  # merged
-
-        return classifier
-    except ImportError:
-        pass
-    path = os.path.join(src, "ldm_jax", "evaluation", "classifier.py")
-    spec = importlib.util.spec_from_file_location("ldm_jax.evaluation.classifier", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--model", action="append", required=True, help="FOLDER:SAMPLER:STEPS")
@@ -48,7 +32,6 @@ def main():
     p.add_argument("--guidance_scale", type=float, default=3.0)
     p.add_argument("--batch_size", type=int, default=100)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--classifier_src", default="/work/wt/evalm")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--grid_dir", default=None, help="write a grid (one row per digit, 8 columns) per model here")
     args = p.parse_args()
@@ -57,7 +40,7 @@ def main():
 
     from ldm_jax.pipeline import from_workdir, load_model_folder
 
-    clf = load_classifier_module(args.classifier_src)
+    from ldm_jax.evaluation import classifier as clf
     labels = np.repeat(np.arange(10), args.per_class)
     results = {}
     for entry in args.model:
