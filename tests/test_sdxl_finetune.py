@@ -180,3 +180,7 @@ def test_sdxl_config_unet_is_the_released_sdxl_base_architecture():
     other = UNet.from_diffusers_config({**SDXL_BASE_UNET_CONFIG, "attention_head_dim": [5, 10, 10]})
     assert architecture_mismatch(ours, other) == ("attention_head_dim", (5, 10, 20), (5, 10, 10))
     assert config.diffusion.init_from == "" and sdxl_config.get_config("scratch").diffusion.init_from is None
+    empty = sdxl_config.get_config("runlocal")
+    empty.diffusion.init_from = ""  # the full config's default: the folder must be given
+    with pytest.raises(ValueError, match="config.diffusion.init_from is empty"):
+        diffusion.build_stage(empty, None, run=object())  # refused before anything is loaded

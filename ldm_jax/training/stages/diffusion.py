@@ -246,7 +246,6 @@ def unet_loader(model: DiffusionModel, path: str):
     return load
 
 
-
 def dataset_info(data_stats: Any) -> dict:
     """The JSON facts about the data that ``build_model`` needs (stored in checkpoint metadata)."""
     return {
@@ -276,6 +275,10 @@ def build_stage(config: Any, data_stats: Any, *, source: Any = None, run: Any = 
     ``RunContext`` of ``train.py`` (made here when None)."""
     run = start_run(config) if run is None else run
     sections = model_sections(config)
+    init_from = sections.diffusion.get("init_from")
+    if init_from is not None and not str(init_from).strip():  # checked before anything is loaded
+        raise ValueError("config.diffusion.init_from is empty: give the pretrained folder (e.g. the SDXL folder, "
+                         "whose unet/ is read) or set it to None for a random init")
     fs_config = sections.first_stage
     preview_config = merge_section(diffusion_preview_defaults(), config.get("preview"), "preview")
     info = dataset_info(data_stats)
@@ -354,10 +357,6 @@ def build_stage(config: Any, data_stats: Any, *, source: Any = None, run: Any = 
             ))
         return out
 
-    init_from = sections.diffusion.get("init_from")
-    if init_from is not None and not str(init_from).strip():
-        raise ValueError("config.diffusion.init_from is empty: give the pretrained folder (e.g. the SDXL folder, "
-                         "whose unet/ is read) or set it to None for a random init")
     task = Task(
         init_params=model.init_params,
         loss_fn=model.loss_fn,
