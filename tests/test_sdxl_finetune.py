@@ -184,3 +184,16 @@ def test_sdxl_config_unet_is_the_released_sdxl_base_architecture():
     empty.diffusion.init_from = ""  # the full config's default: the folder must be given
     with pytest.raises(ValueError, match="config.diffusion.init_from is empty"):
         diffusion.build_stage(empty, None, run=object())  # refused before anything is loaded
+
+
+def test_latent_cache_keeps_each_images_micro_conditioning(fine_tune, tmp_path):
+    from ldm_jax.training.stages.latents import FirstStageEncoder, build_latent_cache
+
+    stage, run, source = fine_tune.stage, fine_tune.run, fine_tune.source
+    cache = build_latent_cache(run.config, stage.model, source, FirstStageEncoder(run, stage.model), str(tmp_path / "c"))
+    for i in range(len(source)):
+        for key in ("original_size", "crop_top_left"):
+            np.testing.assert_array_equal(cache[i][key], source[i][key], err_msg=f"{key} {i}")
+    batch = stage.host_batch(DataLoader(cache, len(IMAGES), shuffle=False).get_batch(0))
+    want = stage.host_batch(DataLoader(source, len(IMAGES), shuffle=False).get_batch(0))
+    np.testing.assert_array_equal(batch["time_ids"], want["time_ids"])
