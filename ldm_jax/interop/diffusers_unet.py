@@ -123,16 +123,27 @@ def load_diffusers_unet(path, *, variant: str | None = None, **unet_overrides) -
     Returns ``(unet, params)`` with ``params`` the unboxed ``"params"`` collection; call
     ``unet.apply({"params": params}, x, t, context)``.
     """
+    folder, config = _read_config(path)
+    unet = UNet.from_diffusers_config(config, **unet_overrides)
+    tensors, source = _read_weights(folder, variant)
+    params = params_from_diffusers_state_dict(unet, tensors, source=source)
+    return unet, params
+
+
+def _read_config(path) -> tuple[str, dict]:
+    """(the U-Net folder, its config.json) of a U-Net or pipeline folder."""
     folder = _resolve_folder(path)
     with open(os.path.join(folder, CONFIG_NAME)) as f:
-        config = json.load(f)
-    unet = UNet.from_diffusers_config(config, **unet_overrides)
+        return folder, json.load(f)
+
+
+def _read_weights(folder: str, variant: str | None) -> tuple[dict[str, np.ndarray], str]:
+    """(every tensor of the folder's weights file(s), their names for error messages)."""
     tensors: dict[str, np.ndarray] = {}
     files = _find_weights(folder, variant)
     for file in files:
         tensors.update(load_state_dict(file))
-    params = params_from_diffusers_state_dict(unet, tensors, source=", ".join(files))
-    return unet, params
+    return tensors, ", ".join(files)
 
 
 # What fixes a U-Net's function given its weights, beyond the tensor shapes: the module fields
@@ -156,6 +167,7 @@ _RESOLVED_NAMES = {
 def architecture_mismatch(unet: UNet, other: UNet) -> tuple[str, Any, Any] | None:
     """``(name, unet's value, other's value)`` of the first architecture setting in which the two
     U-Nets differ (diffusers' config name), or None when the same weights mean the same network."""
+
     def same(a, b):
         if {type(a), type(b)} <= {bool, type(None)}:  # released configs write upcast_attention: null
             return bool(a) == bool(b)
@@ -180,9 +192,7 @@ def load_diffusers_unet_weights(path, unet: UNet, *, variant: str | None = None,
     ValueError naming the first differing setting, as ``config.unet.<name>``), and its tensors
     must match ``unet``'s tree (else :class:`WeightsError` naming the key). ``place(path,
     host_array)`` puts each converted leaf where it belongs (see ``state_dict_to_params``)."""
-    folder = _resolve_folder(path)
-    with open(os.path.join(folder, CONFIG_NAME)) as f:
-        config = json.load(f)
+    folder, config = _read_config(path)
     try:
         theirs = UNet.from_diffusers_config(config)
     except ValueError as error:
@@ -194,11 +204,8 @@ def load_diffusers_unet_weights(path, unet: UNet, *, variant: str | None = None,
             f"config.unet.{name} is {json.dumps(mine, default=str)} but {os.path.join(folder, CONFIG_NAME)} has "
             f"{json.dumps(other, default=str)}: the weights are for another U-Net"
         )
-    tensors: dict[str, np.ndarray] = {}
-    files = _find_weights(folder, variant)
-    for file in files:
-        tensors.update(load_state_dict(file))
-    return params_from_diffusers_state_dict(unet, tensors, source=", ".join(files), place=place)
+    tensors, source = _read_weights(folder, variant)
+    return params_from_diffusers_state_dict(unet, tensors, source=source, place=place)
 
 
 def save_diffusers_unet(path, unet: UNet, params, *, dtype=np.float32, variant: str | None = None) -> None:
