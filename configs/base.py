@@ -51,7 +51,7 @@ def is_local(arg: str | None) -> bool:
 # default is "auto" (pass it as an extra key to change it).
 _SOURCE_KEYS = {
     "num_threads": int, "data_dir": str, "image_key": str, "caption_key": str,
-    "path": str, "folder_labels": bool, "folder_verify": bool,
+    "path": str, "folder_labels": bool, "folder_verify": bool, "folder_random_crop": bool,
     "shapes_num_examples": int, "shapes_seed": int, "shapes_label_mode": str, "interpolation": str,
 }  # fmt: skip
 

@@ -1,25 +1,28 @@
-"""SDXL-base-shaped text-to-image training (fine-tuning resolution 1024, latents 128x128x4), for
-a TPU pod / multi-GPU hosts.
+"""SDXL-base-shaped text-to-image fine-tuning (resolution 1024, latents 128x128x4), for a TPU
+pod / multi-GPU hosts.
 
 The U-Net is SDXL base's (2.57B parameters: 320-640-1280 channels, 1-2-10 transformer layers,
 cross-attention to the 2048-wide concatenated CLIP-L + OpenCLIP-bigG penultimate states, the
-``text_time`` micro-conditioning), on SDXL's frozen VAE (scale factor 0.13025) and frozen text
-encoders, all read from a local diffusers SDXL folder (``conditioning.kind = "sdxl"``). The
-micro-conditioning is computed per image as the SDXL paper trains: ``original_size`` and
-``crop_top_left`` from the data source when it records them (else the training size and (0, 0)),
-``target_size`` the training size; text is dropped to zeros with ``drop_prob``
-(``force_zeros_for_empty_prompt``), the size conditioning never. Parameters, gradients, AdamW
-moments and EMA are sharded over the ``fsdp`` mesh axis (8-way), bf16 compute with float32
-params, every U-Net block rematerialised.
+``text_time`` micro-conditioning), started from the pretrained weights of a local diffusers
+SDXL folder's ``unet/`` (``config.diffusion.init_from``; each tensor goes straight into its
+FSDP shards, the EMA starts equal to it; a resumed run restores its checkpoint and never reads
+the folder), on the same folder's frozen VAE (scale factor 0.13025) and frozen text encoders
+(``conditioning.kind = "sdxl"``). The micro-conditioning is computed per image as the SDXL
+paper trains: ``original_size`` and ``crop_top_left`` recorded by the image-folder source (the
+file's size, and the crop's corner in the image resized to a shorter side of 1024;
+``--config.data.folder_random_crop=True`` for SDXL's random crops), ``target_size`` the
+training size; text is dropped to zeros with ``drop_prob`` (``force_zeros_for_empty_prompt``),
+the size conditioning never. Parameters, gradients, AdamW moments and EMA are sharded over the
+``fsdp`` mesh axis (8-way), bf16 compute with float32 params, every U-Net block rematerialised.
 
     python train.py --config configs/sdxl.py --workdir gs://bucket/runs/sdxl \
-        --config.data.path=/data/captioned --config.first_stage.path=/models/sdxl/vae \
-        --config.conditioning.clip_path=/models/sdxl
+        --config.data.path=/data/captioned --config.diffusion.init_from=/models/sdxl \
+        --config.first_stage.path=/models/sdxl/vae --config.conditioning.clip_path=/models/sdxl
 
-Not yet: initialising the U-Net from the folder's ``unet/`` weights (the loop starts from a
-random init; ``ldm_jax.interop.diffusers_unet.load_diffusers_unet`` reads them), and random-crop
-offsets recorded by the image-folder source. ``:runlocal`` keeps the structure with a tiny
-SDXL-shaped U-Net at 32x32 (still needs an SDXL folder for the VAE and text encoders).
+``init_from`` is required here (empty is an error); ``configs/sdxl.py:scratch`` trains the
+U-Net from a random init instead. ``:runlocal`` keeps the structure with a tiny SDXL-shaped
+U-Net at 32x32 from a random init (no released folder has its shapes; still needs an SDXL
+folder for the VAE and text encoders).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from ldm_jax.training.stages.sections import add_diffusion_sections
 
 def get_config(arg: str | None = None):
     local = base.is_local(arg)
+    scratch = "scratch" in base.parse_arg(arg)
     c = add_diffusion_sections(base.get_base_config("diffusion"))
     c.data = base.data_config("folder", 1024, path=placeholder(str))
     c.data.channels = 3
@@ -68,6 +72,7 @@ def get_config(arg: str | None = None):
     c.diffusion.beta_start = 0.00085
     c.diffusion.beta_end = 0.012
     c.diffusion.prediction = "eps"
+    c.diffusion.init_from = None if scratch else ""  # required: the SDXL folder (its unet/ is read)
 
     c.mesh.shape = {"data": -1, "fsdp": 8, "tensor": 1}
     c.sharding.preset = "fsdp"
@@ -102,5 +107,6 @@ def get_config(arg: str | None = None):
         c.unet.norm_num_groups = 8
         c.unet.dtype = "float32"
         c.unet.remat = False
+        c.diffusion.init_from = None  # the tiny U-Net matches no released folder: random init
         c.mesh.shape = {"data": -1, "fsdp": 1, "tensor": 1}
     return c

@@ -6,7 +6,7 @@ Keys (all optional except as noted, None meaning the default; plain dicts work t
     resolution          output side in pixels (default 32)
     channels            1 or 3; None -> the source's natural count (digits 1, tfds native, else 3)
     split               "train" (tfds splits/slices such as "train[:90%]"; digits train/test/all)
-    seed                shuffle seed of the loader (default 0)
+    seed                shuffle seed of the loader, and of the folder's random crops (default 0)
     shuffle             default True
     num_threads         reader threads per batch (default 2 for folder/tfds, else 1)
     data_dir            tfds data dir holding the prepared dataset
@@ -14,6 +14,8 @@ Keys (all optional except as noted, None meaning the default; plain dicts work t
     path                folder root (required for "folder")
     folder_labels       label = top-level subfolder index (default False)
     folder_verify       read every header at start to drop unreadable files (default True)
+    folder_random_crop  a random square per image (fixed per (seed, index)) instead of the
+                        centred one (default False); the crop's corner is recorded either way
     shapes_num_examples default 100_000
     shapes_seed         content seed of the generated shapes (default 0)
     shapes_label_mode   "shape" | "color" | "shape_color" (default "shape")
@@ -32,7 +34,7 @@ KNOWN_KEYS = frozenset(
     {
         "name", "resolution", "channels", "split", "seed", "shuffle", "num_threads",
         "data_dir", "image_key", "label_key", "caption_key",
-        "path", "folder_labels", "folder_verify",
+        "path", "folder_labels", "folder_verify", "folder_random_crop",
         "shapes_num_examples", "shapes_seed", "shapes_label_mode", "shapes_control",
         "interpolation",
     }
@@ -92,6 +94,8 @@ def build_dataset(config: Any) -> DataSource:
             channels=3 if channels is None else channels,
             labels_from_subfolders=bool(cfg.get("folder_labels", False)),
             verify=bool(cfg.get("folder_verify", True)),
+            random_crop=bool(cfg.get("folder_random_crop", False)),
+            seed=cfg.get("seed", 0),
         )
     if name.startswith("tfds:") and len(name) > len("tfds:"):
         from ldm_jax.data.tfds_source import AUTO, TfdsSource

@@ -11,7 +11,17 @@ Images (.png, .jpg, .jpeg, .webp, any case) are found recursively in sorted path
 index ``i`` always names the same file. Each is center-cropped to a square, resized to the
 configured resolution with antialiased bicubic resampling (JPEGs are first DCT-downscaled by
 libjpeg's draft mode when they are much larger than needed, which is much cheaper), EXIF
-orientation applied, and transparency composited onto white.
+orientation applied, and transparency composited onto white. ``random_crop=True`` takes a
+uniformly random square instead of the centred one, drawn from ``default_rng([CROP_STREAM,
+seed, index])``: the same crop of item ``i`` every time it is read, so ``source[i]`` stays a
+pure function of ``i`` and the seed (and a resumed run sees the same crops); a new crop per
+epoch would need the epoch, which a source does not know.
+
+Every example also records SDXL's micro-conditioning (``ldm_jax.data.images``, crop geometry):
+``original_size`` int32 [2], the (height, width) of the image file (after EXIF orientation,
+before any draft decode, resize or crop), and ``crop_top_left`` int32 [2], the crop's (top,
+left) in the image resized to a shorter side of ``resolution``, as the SDXL paper and
+diffusers' ``train_text_to_image_sdxl.py`` compute them. The loader stacks them to [B, 2].
 
 Corrupt files never stop a run: files whose header cannot be read are dropped when the folder
 is scanned, and files that fail to decode later are replaced by the next readable file in
@@ -29,10 +39,24 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-from ldm_jax.data.images import check_channels, check_resolution, prepare_image
+from ldm_jax.data.images import (
+    center_crop_top_left,
+    check_channels,
+    check_resolution,
+    pil_to_model_array,
+    prepare_image,
+    random_crop_top_left,
+    resize_crop,
+    to_mode,
+)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 CAPTION_EXTENSION = ".txt"
+# First word of the random-crop seed sequence, so crop draws never share a stream with the
+# loader's epoch permutations (``default_rng([seed, epoch])``).
+CROP_STREAM = 0xC409
+# EXIF orientations that rotate by 90 degrees (ImageOps.exif_transpose swaps width and height).
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 
 
 class UnreadableDataError(ValueError):
@@ -68,6 +92,8 @@ class ImageFolderSource:
         (cheap: headers only) and decode the first usable one, so a folder where nothing decodes
         fails at construction; later decode failures are handled lazily either way.
       resample: Pillow filter for the resize ("bicubic", "lanczos", "bilinear", ...).
+      random_crop: a random square (fixed per ``(seed, index)``) instead of the centred one.
+      seed: seed of the random crops.
     """
 
     def __init__(
@@ -78,7 +104,11 @@ class ImageFolderSource:
         labels_from_subfolders: bool = False,
         verify: bool = True,
         resample: str = "bicubic",
+        random_crop: bool = False,
+        seed: int = 0,
     ):
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"image folder seed must be an integer >= 0, got {seed!r}")
         if not path or not os.path.isdir(path):
             raise ValueError(f"image folder {path!r} does not exist or is not a directory")
         self.root = os.path.abspath(path)
@@ -86,6 +116,8 @@ class ImageFolderSource:
         self.resolution = check_resolution(resolution)
         self.channels = check_channels(channels, allow_none=False)
         self.resample = resample
+        self.random_crop = bool(random_crop)
+        self.seed = int(seed)
         self._lock = threading.Lock()
         self._bad: dict[str, str] = {}  # relative path -> reason
 
@@ -154,13 +186,24 @@ class ImageFolderSource:
     def __len__(self) -> int:
         return len(self.paths)
 
-    def _load(self, index: int) -> np.ndarray:
-        with Image.open(os.path.join(self.root, self.paths[index])) as image:
+    def _load(self, candidate: int, index: int) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+        """File ``candidate`` read for item ``index`` -> (pixels, original_size, crop_top_left)."""
+        with Image.open(os.path.join(self.root, self.paths[candidate])) as image:
+            width, height = image.size  # the file's own size: before the draft decode shrinks it
+            if image.getexif().get(0x0112, 1) in _SWAPPING_ORIENTATIONS:  # 0x0112: EXIF Orientation
+                width, height = height, width
             if image.format == "JPEG":
                 image.draft("L" if self.channels == 1 else "RGB", (self.resolution, self.resolution))
             image = ImageOps.exif_transpose(image)
             image.load()
-            return prepare_image(image, self.resolution, self.channels, self.resample)
+            original = (int(height), int(width))
+            if not self.random_crop:
+                pixels = prepare_image(image, self.resolution, self.channels, self.resample)
+                return pixels, original, center_crop_top_left(height, width, self.resolution)
+            rng = np.random.default_rng([CROP_STREAM, self.seed, int(index)])
+            top_left = random_crop_top_left(height, width, self.resolution, rng)
+            cropped = resize_crop(to_mode(image, self.channels), self.resolution, top_left, original, self.resample)
+            return pil_to_model_array(cropped, self.channels), original, top_left
 
     def _caption(self, index: int) -> str:
         if not self._has_caption[index]:
@@ -177,11 +220,15 @@ class ImageFolderSource:
             if self.paths[candidate] in self._bad:
                 continue
             try:
-                image = self._load(candidate)
+                image, original_size, crop_top_left = self._load(candidate, index)
             except Exception as error:  # corrupt/truncated data: replace, count, keep training
                 self._record_bad(self.paths[candidate], error)
                 continue
-            example = {"image": image}
+            example = {
+                "image": image,
+                "original_size": np.asarray(original_size, np.int32),
+                "crop_top_left": np.asarray(crop_top_left, np.int32),
+            }
             if self._labels is not None:
                 example["label"] = self._labels[candidate]
             if self.has_captions:

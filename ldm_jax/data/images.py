@@ -1,4 +1,5 @@
-"""Pixel conversions shared by the data sources: channel handling, resize + center crop, [-1, 1].
+"""Pixel conversions shared by the data sources: channel handling, resize + center crop, [-1, 1],
+and the crop geometry SDXL's micro-conditioning records.
 
 All sources emit ``float32 [H, W, C]`` images in ``[-1, 1]`` (``uint8 0 -> -1``, ``255 -> 1``),
 the range the autoencoder and the pixel-space diffusion models are trained on.
@@ -104,6 +105,54 @@ def resize_center_crop(image: Image.Image, resolution: int, resample: str = "bic
         box=(left, top, left + side, top + side),
         reducing_gap=None,
     )
+
+
+# ----------------------------------------------------------------------------- crop geometry
+# SDXL's micro-conditioning records where the training crop came from. The coordinates are the
+# ones the SDXL paper (Algorithm 1) and diffusers' train_text_to_image_sdxl.py compute: the
+# image is resized so that its shorter side is the resolution (torchvision ``Resize(resolution)``:
+# the longer side truncated to an int), and ``(top, left)`` is the crop's corner in *that*
+# resized image. Those are the values the released SDXL U-Nets were trained on; the pixels
+# themselves come from one resample of the matching box of the original image.
+
+
+def resized_size(height: int, width: int, resolution: int) -> tuple[int, int]:
+    """``(h, w)`` of an image of ``(height, width)`` resized so its shorter side is
+    ``resolution`` (the longer ``int(resolution * long / short)``, as torchvision's ``Resize``)."""
+    if height <= width:
+        return int(resolution), int(resolution * width / height)
+    return int(resolution * height / width), int(resolution)
+
+
+def center_crop_top_left(height: int, width: int, resolution: int) -> tuple[int, int]:
+    """The center crop's ``(top, left)`` in the resized image, rounded as diffusers'
+    ``train_text_to_image_sdxl.py`` (``round((h - resolution) / 2)``)."""
+    h, w = resized_size(height, width, resolution)
+    return max(0, int(round((h - resolution) / 2.0))), max(0, int(round((w - resolution) / 2.0)))
+
+
+def random_crop_top_left(height: int, width: int, resolution: int, rng: np.random.Generator) -> tuple[int, int]:
+    """A uniformly random ``(top, left)`` in the resized image (torchvision ``RandomCrop``'s
+    range ``[0, h - resolution]`` x ``[0, w - resolution]``; one of them is always 0)."""
+    h, w = resized_size(height, width, resolution)
+    return int(rng.integers(0, h - resolution + 1)), int(rng.integers(0, w - resolution + 1))
+
+
+def resize_crop(
+    image: Image.Image, resolution: int, top_left: tuple[int, int], original_size: tuple[int, int],
+    resample: str = "bicubic",
+) -> Image.Image:
+    """The ``resolution`` square at ``top_left`` of the resized image (see :func:`resized_size`)
+    as one antialiased resample of the matching box of ``image``. ``original_size`` is the
+    ``(height, width)`` the coordinates refer to; ``image`` may be a reduced decode of it
+    (a JPEG draft), the box is scaled to its pixels."""
+    height, width = original_size
+    top, left = top_left
+    side = min(height, width)
+    scale = side / float(resolution)  # original pixels per output pixel
+    fx, fy = image.size[0] / float(width), image.size[1] / float(height)
+    box = (left * scale * fx, top * scale * fy, (left * scale + side) * fx, (top * scale + side) * fy)
+    return image.resize((resolution, resolution), resample=resample_filter(resample), box=box, reducing_gap=None)
 
 
 def pil_to_model_array(image: Image.Image, channels: int) -> np.ndarray:

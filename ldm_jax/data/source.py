@@ -10,7 +10,10 @@ Each example is a dict:
 * ``"image"``: ``float32 [H, W, C]`` in ``[-1, 1]`` with ``H == W == source.resolution`` and
   ``C == source.channels``;
 * ``"label"``: ``int32`` scalar in ``[0, num_classes)``, present iff ``source.num_classes``;
-* ``"caption"``: ``str``, present iff ``source.has_captions``.
+* ``"caption"``: ``str``, present iff ``source.has_captions``;
+* ``"original_size"`` / ``"crop_top_left"``: ``int32 [2]``, SDXL's micro-conditioning (the
+  image's (height, width) before resizing, the crop's (top, left)), where a source records them
+  (``ldm_jax.data.folder``).
 """
 
 from __future__ import annotations

@@ -66,16 +66,17 @@ def abstract_params(unet: UNet) -> dict:
 
 
 def params_from_diffusers_state_dict(
-    unet: UNet, state_dict: Mapping[str, np.ndarray], source: str = "state dict"
+    unet: UNet, state_dict: Mapping[str, np.ndarray], source: str = "state dict", *, place=None
 ) -> dict:
     """Convert a diffusers ``UNet2DConditionModel`` state dict into ``unet``'s params.
 
     Every model parameter must be found with the right shape, and every checkpoint tensor
     used; otherwise :class:`WeightsError` names the key. Arrays are cast to ``unet.param_dtype``.
-    Returns the (unboxed) ``params`` collection.
+    Returns the (unboxed) ``params`` collection. ``place(path, host_array)``: where each leaf
+    goes (``torch_weights.state_dict_to_params``; default the default device).
     """
     sd = state_dict if isinstance(state_dict, StateDict) else StateDict(state_dict, source=source)
-    return state_dict_to_params(sd, abstract_params(unet), diffusers_key, unet.param_dtype)
+    return state_dict_to_params(sd, abstract_params(unet), diffusers_key, unet.param_dtype, place=place)
 
 
 def params_to_diffusers_state_dict(unet: UNet, params, dtype=np.float32) -> dict[str, np.ndarray]:
@@ -122,16 +123,89 @@ def load_diffusers_unet(path, *, variant: str | None = None, **unet_overrides) -
     Returns ``(unet, params)`` with ``params`` the unboxed ``"params"`` collection; call
     ``unet.apply({"params": params}, x, t, context)``.
     """
+    folder, config = _read_config(path)
+    unet = UNet.from_diffusers_config(config, **unet_overrides)
+    tensors, source = _read_weights(folder, variant)
+    params = params_from_diffusers_state_dict(unet, tensors, source=source)
+    return unet, params
+
+
+def _read_config(path) -> tuple[str, dict]:
+    """(the U-Net folder, its config.json) of a U-Net or pipeline folder."""
     folder = _resolve_folder(path)
     with open(os.path.join(folder, CONFIG_NAME)) as f:
-        config = json.load(f)
-    unet = UNet.from_diffusers_config(config, **unet_overrides)
+        return folder, json.load(f)
+
+
+def _read_weights(folder: str, variant: str | None) -> tuple[dict[str, np.ndarray], str]:
+    """(every tensor of the folder's weights file(s), their names for error messages)."""
     tensors: dict[str, np.ndarray] = {}
     files = _find_weights(folder, variant)
     for file in files:
         tensors.update(load_state_dict(file))
-    params = params_from_diffusers_state_dict(unet, tensors, source=", ".join(files))
-    return unet, params
+    return tensors, ", ".join(files)
+
+
+# What fixes a U-Net's function given its weights, beyond the tensor shapes: the module fields
+# and the per-block settings of ``UNet.resolved()`` (heads, depths), by the config key named in
+# an error. Not compared: ``sample_size`` (informational), ``dropout`` (a training choice) and
+# the compute settings (dtype, remat, attention backend).
+_ARCHITECTURE_FIELDS = (
+    "in_channels", "out_channels", "flip_sin_to_cos", "freq_shift", "down_block_types", "mid_block_type",
+    "up_block_types", "mid_block_scale_factor", "norm_num_groups", "norm_eps", "use_linear_projection",
+    "upcast_attention", "resnet_time_scale_shift", "addition_embed_type", "addition_time_embed_dim",
+    "projection_class_embeddings_input_dim", "conv_in_kernel", "conv_out_kernel",
+)  # fmt: skip
+_RESOLVED_NAMES = {
+    "channels": "block_out_channels", "layers": "layers_per_block", "heads": "attention_head_dim",
+    "cross": "cross_attention_dim", "depth_down": "transformer_layers_per_block",
+    "depth_mid": "transformer_layers_per_block", "depth_up": "reverse_transformer_layers_per_block",
+    "class_rows": "num_classes", "time_embed_dim": "time_embedding_dim",
+}  # fmt: skip
+
+
+def architecture_mismatch(unet: UNet, other: UNet) -> tuple[str, Any, Any] | None:
+    """``(name, unet's value, other's value)`` of the first architecture setting in which the two
+    U-Nets differ (diffusers' config name), or None when the same weights mean the same network."""
+
+    def same(a, b):
+        if {type(a), type(b)} <= {bool, type(None)}:  # released configs write upcast_attention: null
+            return bool(a) == bool(b)
+        return (tuple(a) if isinstance(a, (list, tuple)) else a) == (tuple(b) if isinstance(b, (list, tuple)) else b)
+
+    for name in _ARCHITECTURE_FIELDS:
+        if not same(getattr(unet, name), getattr(other, name)):
+            return name, getattr(unet, name), getattr(other, name)
+    mine, theirs = unet.resolved(), other.resolved()
+    for key, name in _RESOLVED_NAMES.items():
+        if mine[key] != theirs[key]:
+            # The settings as written (layers_per_block=2), unless only their broadcast differs.
+            a, b = getattr(unet, name, None), getattr(other, name, None)
+            return (name, a, b) if not same(a, b) else (name, mine[key], theirs[key])
+    return None
+
+
+def load_diffusers_unet_weights(path, unet: UNet, *, variant: str | None = None, place=None) -> dict:
+    """The weights of a diffusers ``UNet2DConditionModel`` folder (or a pipeline / ldm_jax model
+    folder with ``unet/``) as the params of the given ``unet`` (built elsewhere, e.g. from a
+    training config). The folder's ``config.json`` must describe the same network (else
+    ValueError naming the first differing setting, as ``config.unet.<name>``), and its tensors
+    must match ``unet``'s tree (else :class:`WeightsError` naming the key). ``place(path,
+    host_array)`` puts each converted leaf where it belongs (see ``state_dict_to_params``)."""
+    folder, config = _read_config(path)
+    try:
+        theirs = UNet.from_diffusers_config(config)
+    except ValueError as error:
+        raise ValueError(f"{os.path.join(folder, CONFIG_NAME)}: {error}") from None
+    mismatch = architecture_mismatch(unet, theirs)
+    if mismatch is not None:
+        name, mine, other = mismatch
+        raise ValueError(
+            f"config.unet.{name} is {json.dumps(mine, default=str)} but {os.path.join(folder, CONFIG_NAME)} has "
+            f"{json.dumps(other, default=str)}: the weights are for another U-Net"
+        )
+    tensors, source = _read_weights(folder, variant)
+    return params_from_diffusers_state_dict(unet, tensors, source=source, place=place)
 
 
 def save_diffusers_unet(path, unet: UNet, params, *, dtype=np.float32, variant: str | None = None) -> None:

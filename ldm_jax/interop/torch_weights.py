@@ -137,11 +137,17 @@ def torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...
     return tuple(shape)
 
 
-def state_dict_to_params(sd: "StateDict", abstract, torch_key, param_dtype, *, linear_1x1: bool = True) -> dict:
+def state_dict_to_params(
+    sd: "StateDict", abstract, torch_key, param_dtype, *, linear_1x1: bool = True, place=None
+) -> dict:
     """``abstract``'s (unboxed) params read from ``sd`` by ``torch_key(path)``, cast to
     ``param_dtype``. Every leaf must be found with its torch shape and every tensor used
     (``sd.finish()``), else WeightsError names the key. ``linear_1x1`` also accepts a 1x1 conv
-    stored as a Linear weight [out, in] (conversions of SD 2.x checkpoints do this)."""
+    stored as a Linear weight [out, in] (conversions of SD 2.x checkpoints do this).
+
+    ``place(path, host_array) -> array``: where each converted leaf goes (a NumPy array in
+    ``param_dtype``, Flax layout), e.g. straight into its shards on a mesh, so that a large model
+    never sits whole on one device; default ``jnp.asarray`` (the default device)."""
     import jax.numpy as jnp  # local: the readers above need no JAX
     from flax import traverse_util
 
@@ -161,7 +167,10 @@ def state_dict_to_params(sd: "StateDict", abstract, torch_key, param_dtype, *, l
         value = np.asarray(value, dtype=np.float32)
         if path[-1] == "kernel":
             value = conv_to_flax(value) if len(leaf.shape) == 4 else linear_to_flax(value)
-        out[path] = jnp.asarray(value, dtype=param_dtype)
+        if place is None:
+            out[path] = jnp.asarray(value, dtype=param_dtype)
+        else:
+            out[path] = place(path, np.asarray(value, dtype=np.dtype(param_dtype)))
     sd.finish()
     return traverse_util.unflatten_dict(out)
 

@@ -138,6 +138,11 @@ def diffusion_defaults() -> ml_collections.ConfigDict:
             "beta_end": placeholder(float),
             "rescale_zero_terminal_snr": False,
             "denoiser": "unet",  # network family (DENOISER_DEFAULTS); its section is config.<denoiser>
+            # Fine-tuning: a fresh run starts the denoiser from this local folder's weights (a
+            # diffusers pipeline folder's unet/, a UNet2DConditionModel folder or an ldm_jax model
+            # folder; they must match config.unet); None: random init. A resumed run uses its
+            # checkpoint and never reads it (ldm_jax.training.resume_guard allows changing it).
+            "init_from": placeholder(str),
             "prediction": "eps",  # "eps" | "v" | "x0"
             "weighting": "simple",  # "simple" | "min_snr"
             "min_snr_gamma": 5.0,

@@ -25,6 +25,7 @@ _EXPORTS = {
     "process_batch_rows": "distributed",
     "Task": "loop",
     "TrainResult": "loop",
+    "create_initial_state": "loop",
     "train": "loop",
     "BATCH_AXES": "mesh",
     "MESH_AXES": "mesh",

@@ -88,6 +88,11 @@ class Task:
     e.g. a VQ EMA codebook's statistics; ``key`` is the params' key). The loss is then called
     as ``loss_fn(params, model_state, batch, key[, step]) -> (loss, (aux, new_model_state))``
     (``ldm_jax.training.step``); the state is checkpointed and restored with the rest.
+
+    ``load_params(abstract_params, param_shardings) -> {top-level key: tree}``: pretrained
+    weights for a fresh run (fine-tuning): arrays placed with the given shardings (each device
+    receives only its shards) that replace those entries of ``init_params``'s tree; the EMA
+    starts equal to them. Never called when the run resumes: the checkpoint wins.
     """
 
     init_params: InitParamsFn
@@ -98,6 +103,7 @@ class Task:
     init_model_state: Callable[[jax.Array], Any] | None = None
     loss_takes_frozen: bool = False
     init_takes_frozen: bool = False
+    load_params: Callable[[Any, Any], Mapping[str, Any]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,6 +184,39 @@ def compile_prepare_batch(task: Task, frozen_shardings: Any, mesh: jax.sharding.
     )
 
 
+def _check_loaded(loaded: Mapping[str, Any], abstract_params: Any) -> dict:
+    """``loaded`` (a ``Task.load_params`` result) against the abstract params: known top-level
+    keys, the same tree, shapes and dtypes; ValueError naming the first differing path."""
+    if not isinstance(abstract_params, Mapping) or not isinstance(loaded, Mapping):
+        raise ValueError("Task.load_params needs a params tree that is a dict and returns a dict of its entries")
+    out = {}
+    for key, tree in loaded.items():
+        if key not in abstract_params:
+            raise ValueError(f"loaded params entry {key!r} is not in the model's params {sorted(abstract_params)}")
+        want = dict(jax.tree_util.tree_flatten_with_path(abstract_params[key])[0])
+        got = dict(jax.tree_util.tree_flatten_with_path(tree)[0])
+        for path in sorted(set(want) | set(got), key=jax.tree_util.keystr):
+            name = f"{key}{jax.tree_util.keystr(path)}"
+            if path not in got or path not in want:
+                raise ValueError(f"loaded params {'lack' if path not in got else 'have an unexpected'} {name}")
+            w, g = want[path], got[path]
+            if tuple(w.shape) != tuple(g.shape) or w.dtype != g.dtype:
+                raise ValueError(f"loaded params {name}: {g.dtype}{list(g.shape)}, the model has {w.dtype}{list(w.shape)}")
+        out[key] = tree
+    return out
+
+
+def create_initial_state(task: Task, tx: Any, abstract_state: TrainState, shardings: TrainState, seed: int,
+                         init_args: tuple = ()) -> TrainState:
+    """The state of a fresh run (what :func:`train` starts from when there is no checkpoint):
+    ``task.init_params`` born sharded, with ``task.load_params``'s pretrained entries in place
+    of their random init (and as the EMA)."""
+    loaded = None
+    if task.load_params is not None:
+        loaded = _check_loaded(task.load_params(abstract_state.params, shardings.params), abstract_state.params)
+    return create_sharded_state(task.init_params, tx, shardings, seed, task.init_model_state, init_args, loaded)
+
+
 def _train(
     run, task, batches, checkpointer, on_metrics, checkpoint_metadata, guard, hooks, on_step, on_start
 ) -> TrainResult:
@@ -200,8 +239,11 @@ def _train(
     if restored is not None:
         state, metadata = restored.state, restored.metadata
         position = int(metadata.get("data_position", resumed_from))
+        if task.load_params is not None:
+            log.info("resumed from step %d: the params are the checkpoint's; the pretrained init is not read",
+                     resumed_from)
     else:
-        state = create_sharded_state(task.init_params, tx, shardings, config.seed, task.init_model_state, init_args)
+        state = create_initial_state(task, tx, abstract_state, shardings, config.seed, init_args)
         position = 0
     step = int(jax.device_get(state.step))
 

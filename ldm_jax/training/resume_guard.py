@@ -15,7 +15,8 @@ default):
   ``preview``, ``eval``, ``export``, ``mesh``, ``sharding``, ``distributed``; paths that do
   not make the run's identity (``workdir``, ``first_stage.workdir`` / ``path`` /
   ``cache_dir``, ``data.data_dir``, ``data.num_threads``): a moved first stage is checked by
-  its params' fingerprint instead (:func:`check_first_stage`);
+  its params' fingerprint instead (:func:`check_first_stage`); ``diffusion.init_from`` (the
+  pretrained weights a fresh run starts from: a resume never reads it, see ``ALLOWED``);
 * refused, with ONE line listing every changed key and its class: architecture (the
   autoencoder / denoiser sections), data (``data.*``, ``train.global_batch_size``),
   first-stage, stage, conditioning, objective (``diffusion``, ``loss``), optimizer
@@ -49,6 +50,12 @@ ALLOWED = (
     "checkpoint", "logging", "preview", "eval", "export", "mesh", "sharding", "distributed",
     "workdir", "first_stage.workdir", "first_stage.path", "first_stage.cache_dir",
     "data.data_dir", "data.num_threads",
+    # Allowed on purpose: the pretrained folder only seeds a fresh run's params; on resume the
+    # params come from the checkpoint and the folder is never opened, so its value cannot
+    # change what the run is. Refusing would only stop a resume whose folder moved or is gone
+    # (a long SDXL run restarted on other hosts). config.json keeps the value the run started
+    # from, the history logs the change, and the loop logs that the init is not read.
+    "diffusion.init_from",
 )  # fmt: skip
 # Refused changes, first match wins: (prefix, class named in the message).
 CLASSES = (

@@ -61,12 +61,16 @@ InitModelStateFn = Callable[[jax.Array], Any]
 
 def _init_state(
     init_params: InitParamsFn, tx: optax.GradientTransformation, seed: int,
-    init_model_state: InitModelStateFn | None = None, *init_args,
+    init_model_state: InitModelStateFn | None = None, *init_args, loaded: Any = None,
 ) -> TrainState:
     base = jax.random.key(seed)
     params_key, run_key = jax.random.split(base)
     # init_args: arrays the init reads as arguments (a frozen U-Net a ControlNet copies).
     params = nn.unbox(init_params(params_key, *init_args))
+    if loaded is not None:
+        # Pretrained entries replace the init's (same keys, shapes and dtypes: checked by the
+        # caller); their random init is then dead code, which XLA drops from the program.
+        params = {**params, **loaded}
     fields = {}
     if init_model_state is not None:
         fields["model_state"] = nn.unbox(init_model_state(params_key))
@@ -119,14 +123,23 @@ def create_sharded_state(
     init_params: InitParamsFn, tx: optax.GradientTransformation, shardings: TrainState, seed: int,
     init_model_state: InitModelStateFn | None = None,
     init_args: tuple = (),
+    loaded: dict | None = None,
 ) -> TrainState:
     """The initial state, computed in place on the devices with ``shardings``.
 
     ``seed`` is a Python int baked into the program, so every process of a multi-host run
     builds the same state without exchanging host data. ``init_args`` (placed arrays, e.g. a
-    frozen U-Net) are arguments of the init program, never constants in it."""
-    init = jax.jit(functools.partial(_init_state, init_params, tx, seed, init_model_state), out_shardings=shardings)
-    return init(*init_args)
+    frozen U-Net) are arguments of the init program, never constants in it.
+
+    ``loaded``: ``{top-level params key: tree}`` of pretrained arrays, already placed with
+    the params' shardings, that replace those entries of the init (fine-tuning); the EMA starts
+    as a copy of them. They are donated: the state's params may reuse their buffers, so the
+    caller must not read them afterwards."""
+    fn = functools.partial(_init_state, init_params, tx, seed, init_model_state)
+    if loaded is None:
+        return jax.jit(fn, out_shardings=shardings)(*init_args)
+    init = jax.jit(lambda loaded, *args: fn(*args, loaded=loaded), out_shardings=shardings, donate_argnums=0)
+    return init(loaded, *init_args)
 
 
 def abstract_with_shardings(abstract_state: TrainState, shardings: TrainState) -> TrainState:

@@ -43,6 +43,10 @@ the empty caption) so the model can be sampled with classifier-free guidance.
 
 Params: ``{"unet": ..., "text_encoder"?: ..., "class_embedder"?: ...}``; the EMA copy of that
 tree is what previews use and what ``export`` writes as an ``ldm_jax.pipeline`` model folder.
+
+Fine-tuning (``config.diffusion.init_from``): a fresh run starts ``params["unet"]`` (and the
+EMA) from a local folder's U-Net weights (:func:`unet_loader`); a resumed run restores its
+checkpoint and never reads the folder.
 """
 
 from __future__ import annotations
@@ -211,6 +215,37 @@ def make_sample_fn(model: DiffusionModel, frozen_placed: Any, run: Any):
 # ----------------------------------------------------------------------------- stage
 
 
+def unet_loader(model: DiffusionModel, path: str):
+    """``Task.load_params`` for ``config.diffusion.init_from``: ``(abstract, shardings) ->
+    {"unet": params}`` read from the U-Net folder at ``path`` (a diffusers pipeline folder's
+    ``unet/``, a ``UNet2DConditionModel`` folder or an ldm_jax model folder) into
+    ``model.unet``'s tree. Each tensor is converted on the host and goes straight into its
+    shards (``jax.make_array_from_callback`` with the param's sharding: every device receives
+    its own slice, nothing is gathered on one device; a multi-host process places only its
+    devices' slices). A folder for another U-Net is a one-line ValueError naming the setting
+    (``config.unet.<name>``) or the tensor (:class:`WeightsError`)."""
+    from flax import traverse_util
+
+    from ldm_jax.interop.diffusers_unet import load_diffusers_unet_weights
+
+    if model.denoiser_family != "unet":
+        raise ValueError(f"config.diffusion.init_from loads U-Net weights; the denoiser is {model.denoiser_family!r}")
+
+    def load(abstract, shardings):
+        placement = traverse_util.flatten_dict(shardings["unet"])
+
+        def place(param_path, host):
+            return jax.make_array_from_callback(host.shape, placement[param_path], lambda index: host[index])
+
+        log.info("diffusion stage: initialising the U-Net from %s", path)
+        try:
+            return {"unet": load_diffusers_unet_weights(path, model.unet, place=place)}
+        except FileNotFoundError as error:  # one line through train.py's start-up errors
+            raise ValueError(f"config.diffusion.init_from: {error}") from None
+
+    return load
+
+
 def dataset_info(data_stats: Any) -> dict:
     """The JSON facts about the data that ``build_model`` needs (stored in checkpoint metadata)."""
     return {
@@ -240,6 +275,10 @@ def build_stage(config: Any, data_stats: Any, *, source: Any = None, run: Any = 
     ``RunContext`` of ``train.py`` (made here when None)."""
     run = start_run(config) if run is None else run
     sections = model_sections(config)
+    init_from = sections.diffusion.get("init_from")
+    if init_from is not None and not str(init_from).strip():  # checked before anything is loaded
+        raise ValueError("config.diffusion.init_from is empty: give the pretrained folder (e.g. the SDXL folder, "
+                         "whose unet/ is read) or set it to None for a random init")
     fs_config = sections.first_stage
     preview_config = merge_section(diffusion_preview_defaults(), config.get("preview"), "preview")
     info = dataset_info(data_stats)
@@ -309,7 +348,8 @@ def build_stage(config: Any, data_stats: Any, *, source: Any = None, run: Any = 
             out.update(c.host_inputs(batch["caption"]))
         elif c.kind == "sdxl":
             # SDXL micro-conditioning per image (the SDXL paper): its size before resizing and the
-            # crop's top-left, when the data source records them; else the training size, no crop.
+            # crop's top-left, int [B, 2] when the data source records them (the image folder, and
+            # a latent cache built from it); else the training size, no crop, for every image.
             size = (int(data_stats.resolution), int(data_stats.resolution))
             out.update(c.host_inputs(
                 list(batch["caption"]), original_size=batch.get("original_size", size),
@@ -322,6 +362,7 @@ def build_stage(config: Any, data_stats: Any, *, source: Any = None, run: Any = 
         loss_fn=model.loss_fn,
         frozen_params=model.frozen_params(),
         prepare_batch=model.prepare_batch,
+        load_params=unet_loader(model, str(init_from)) if init_from else None,
     )
 
     # Compiled on first use; the frozen params are placed (replicated) once, as arguments.

@@ -7,7 +7,9 @@ over ``first_stage.scale_batches`` training batches (LDM's ``scale_by_std``).
 
 Cached latents (``first_stage.cache_latents``): the dataset is encoded once (posterior mean and
 std for KL, so training still samples the posterior) into ``<cache_dir>/latents.npy`` with
-labels and captions beside it, and the loader reads those instead of images.
+labels and captions beside it, and the loader reads those instead of images. For SDXL
+(``conditioning.kind="sdxl"``) the source's per-image micro-conditioning (``original_size``,
+``crop_top_left``: the image folder records them) is stored too, so cached batches carry it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from ldm_jax.training.context import RunContext
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
+# Per-image SDXL micro-conditioning a source may record (int32 [2] each), cached beside the latents.
+MICRO_KEYS = ("original_size", "crop_top_left")
 
 
 def data_dict(config: Any) -> dict:
@@ -102,6 +106,11 @@ class LatentCacheSource:
         self.num_classes = self.info.get("num_classes")
         self.has_captions = self.captions is not None
         self.num_skipped = int(self.info.get("num_skipped", 0))
+        self.micro = {}
+        for name in MICRO_KEYS:
+            micro_path = os.path.join(directory, f"{name}.npy")
+            if os.path.isfile(micro_path):
+                self.micro[name] = np.load(micro_path)
 
     def __len__(self) -> int:
         return int(self.raw.shape[0])
@@ -112,6 +121,8 @@ class LatentCacheSource:
             example["label"] = self.labels[int(index)]
         if self.captions is not None:
             example["caption"] = self.captions[int(index)]
+        for name, values in self.micro.items():
+            example[name] = values[int(index)]
         return example
 
 
@@ -119,14 +130,26 @@ def _set_keys(data: dict) -> dict:
     return {k: v for k, v in data.items() if v is not None}
 
 
-def _cache_key(config: Any, model: DiffusionModel, num_examples: int) -> dict:
-    return {
+def _micro_keys(model: DiffusionModel, source: Any) -> tuple[str, ...]:
+    """The micro-conditioning keys to cache: those the source records, for SDXL models only
+    (other models never read them, and their caches stay as they were)."""
+    if model.conditioner.kind != "sdxl" or len(source) == 0:
+        return ()
+    first = source[0]
+    return tuple(name for name in MICRO_KEYS if name in first)
+
+
+def _cache_key(config: Any, model: DiffusionModel, num_examples: int, micro: tuple[str, ...] = ()) -> dict:
+    key = {
         "format": CACHE_FORMAT,
         "data": _set_keys(data_dict(config)),
         "first_stage": dict(model.first_stage.description),
         "num_examples": int(num_examples),
         "raw_shape": [model.latent_size, model.latent_size, model.first_stage.adapter.raw_channels],
     }
+    if micro:  # only then: a cache of a model without micro-conditioning keeps its old key
+        key["micro_conditioning"] = list(micro)
+    return key
 
 
 def build_latent_cache(
@@ -135,7 +158,8 @@ def build_latent_cache(
     """Encode ``source`` once (in index order, global batches over all processes) into
     ``directory`` and return the cached source; an existing complete cache for the same data
     and first stage is reused."""
-    key = _cache_key(config, model, len(source))
+    micro_keys = _micro_keys(model, source)
+    key = _cache_key(config, model, len(source), micro_keys)
     info_path = os.path.join(directory, "info.json")
     if os.path.isfile(info_path):
         with open(info_path) as f:
@@ -162,6 +186,7 @@ def build_latent_cache(
         )
     labels = np.zeros((n,), np.int32) if source.num_classes else None
     captions = [""] * n if source.has_captions else None
+    micro = {name: np.zeros((n, 2), np.int32) for name in micro_keys}
     multi = jax.process_count() > 1
     log.info("encoding %d examples into the latent cache %s", n, directory)
     for b in range(num_batches):
@@ -173,10 +198,16 @@ def build_latent_cache(
             batch_labels = local["label"]
             if multi:
                 batch_labels = np.asarray(multihost_utils.process_allgather(np.asarray(batch_labels), tiled=True))
+        batch_micro = {}
+        for name in micro_keys:
+            values = np.asarray(local[name], np.int32)
+            batch_micro[name] = np.asarray(multihost_utils.process_allgather(values, tiled=True)) if multi else values
         indices = loader.sampler.global_batch_indices(b)
         keep = np.arange(b * batch, (b + 1) * batch) < n  # the last batch wraps around
         if main:
             raw_out[indices[keep]] = raw[keep]
+            for name, values in batch_micro.items():
+                micro[name][indices[keep]] = values[keep]
             if batch_labels is not None:
                 labels[indices[keep]] = np.asarray(batch_labels)[keep]
             if captions is not None:
@@ -190,6 +221,8 @@ def build_latent_cache(
         del raw_out
         if labels is not None:
             np.save(os.path.join(tmp, "labels.npy"), labels)
+        for name, values in micro.items():
+            np.save(os.path.join(tmp, f"{name}.npy"), values)
         if captions is not None:
             with open(os.path.join(tmp, "captions.json"), "w") as f:
                 json.dump(captions, f)
