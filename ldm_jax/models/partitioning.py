@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 Dtype = Any
@@ -98,24 +99,58 @@ def conv(
     )
 
 
+class GroupNorm(nn.Module):
+    """GroupNorm over [B, ..., C] (statistics per sample and channel group over every other axis),
+    in float32 whatever the input dtype: bf16 statistics over large spatial maps lose too much
+    precision. Callers cast the result back to their dtype.
+
+    Same parameters (``scale``, ``bias``: [C]) and the same statistics as ``flax.linen.GroupNorm``
+    with its default ``use_fast_variance`` (var = E[x^2] - E[x]^2, clipped at 0), so checkpoints
+    and converters cannot tell the two apart. Formulated for speed rather than like flax's: the
+    spatial sums come first, over [B, N, C] with the channels contiguous, then the (tiny) group
+    sums over [B, C]; the normalisation is one per-(sample, channel) affine ``x * a + b``. On
+    XLA:CPU this is ~1.3-1.6x faster than flax's [B, N, G, C/G] reduction, forward + backward
+    (benchmarks/results/profile_large.md put normalisation at 10% of a train step, 11x torch's).
+    """
+
+    num_groups: int = 32
+    epsilon: float = 1e-5
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        channels = x.shape[-1]
+        if channels % self.num_groups:
+            raise ValueError(f"GroupNorm: {channels} channels are not divisible by num_groups={self.num_groups}")
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)), (channels,), self.param_dtype
+        )
+        bias = self.param(
+            "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)), (channels,), self.param_dtype
+        )
+        shape = x.shape
+        x = jnp.asarray(x, jnp.float32).reshape(shape[0], -1, channels)
+        per_group = channels // self.num_groups
+        count = x.shape[1] * per_group
+        sums = jnp.sum(x, axis=1).reshape(shape[0], self.num_groups, per_group).sum(-1)
+        squares = jnp.sum(x * x, axis=1).reshape(shape[0], self.num_groups, per_group).sum(-1)
+        mean = sums / count
+        var = jnp.maximum(squares / count - mean * mean, 0.0)
+        inv = jnp.repeat(jax.lax.rsqrt(var + self.epsilon), per_group, axis=1)  # [B, C]
+        a = inv * jnp.asarray(scale, jnp.float32)
+        b = jnp.asarray(bias, jnp.float32) - jnp.repeat(mean, per_group, axis=1) * a
+        return (x * a[:, None, :] + b[:, None, :]).reshape(shape)
+
+
 def group_norm(
     num_groups: int = 32,
     *,
     epsilon: float = 1e-5,
     param_dtype: Dtype = jnp.float32,
     name: str | None = None,
-) -> nn.GroupNorm:
-    """GroupNorm computed in float32 whatever the compute dtype: bf16 statistics over large
-    spatial maps lose too much precision. Callers cast the result back to their dtype."""
-    return nn.GroupNorm(
-        num_groups=num_groups,
-        epsilon=epsilon,
-        dtype=jnp.float32,
-        param_dtype=param_dtype,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
-        name=name,
-    )
+) -> GroupNorm:
+    """:class:`GroupNorm` (float32 statistics and output, ``norm``-named parameters)."""
+    return GroupNorm(num_groups=num_groups, epsilon=epsilon, param_dtype=param_dtype, name=name)
 
 
 def layer_norm(
