@@ -143,9 +143,9 @@ def test_eval_hook_logs_metrics_and_keeps_the_best_checkpoint(tmp_path, caplog):
         assert 0.0 <= r["accuracy"] <= 1.0 and r["fd"] > 0 and r["num_samples"] == 16
     lines = [m for m in caplog.messages if m.startswith("eval step")]
     assert any("eval/accuracy=" in m and "eval/fd=" in m for m in lines), lines
-    from tests.test_train import _read_events
+    from tb_events import read_events
 
-    scalars, _ = _read_events(workdir / "tensorboard")
+    scalars, _ = read_events(workdir / "tensorboard")
     assert [s for s, _ in scalars["eval/fd"]] == [2, 4]
     best_fd = min(r["fd"] for r in records)
     best_step = [r["step"] for r in records if r["fd"] == best_fd][0]

@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 
@@ -33,6 +32,7 @@ if ROOT not in sys.path:
 from configs import digits_autoencoder, digits_ldm, mnist_ldm, sd15, shapes_ldm  # noqa: E402
 from ldm_jax.pipeline import from_workdir  # noqa: E402
 from ldm_jax.training import workdir as wd  # noqa: E402
+from tb_events import read_events as _read_events  # noqa: E402
 from ldm_jax.training.loop import Hook  # noqa: E402
 
 
@@ -102,27 +102,6 @@ def digits_runs(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _read_events(directory):
-    """TensorBoard event records of ``directory`` (TFRecord framing) -> scalars and image tags."""
-    from tensorboardX.proto.event_pb2 import Event
-
-    scalars, images = {}, set()
-    for name in sorted(os.listdir(directory)):
-        with open(os.path.join(directory, name), "rb") as f:
-            data = f.read()
-        offset = 0
-        while offset < len(data):
-            (length,) = struct.unpack("<Q", data[offset : offset + 8])
-            event = Event.FromString(data[offset + 12 : offset + 12 + length])
-            offset += 12 + length + 4
-            for value in event.summary.value:
-                if value.HasField("image"):
-                    images.add(value.tag)
-                else:
-                    scalars.setdefault(value.tag, []).append((event.step, value.simple_value))
-    return scalars, images
 
 
 def _grid_tiles(path, rows, columns, size, padding=2):
