@@ -67,7 +67,9 @@ def main():
             grid = np.pad(tiles, ((0, 0), (0, 0), (1, 1), (1, 1))).transpose(0, 2, 1, 3)
             grid = grid.reshape(10 * (images.shape[1] + 2), cols * (images.shape[2] + 2))
             os.makedirs(args.grid_dir, exist_ok=True)
-            name = os.path.basename(os.path.normpath(folder.replace("@", "_step")))
+            # runs/dit/model -> dit_model.png (two exported folders are both called "model")
+            parts = os.path.normpath(folder.replace("@", "_step")).split(os.sep)
+            name = "_".join(parts[-2:])
             Image.fromarray(np.kron(grid, np.ones((3, 3), np.uint8))).save(os.path.join(args.grid_dir, f"{name}.png"))
         metrics = clf.digits_quality(images, labels, resolution=images.shape[1])
         metrics.update(sampler=sampler, steps=int(steps), sampling_cpu_s=cpu,

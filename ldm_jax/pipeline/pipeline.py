@@ -38,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ldm_jax.diffusion.flow import FLOW_PREDICTIONS, FlowSchedule, flow_schedule_config, make_flow_schedule
 from ldm_jax.diffusion.schedules import Schedule, make_schedule
-from ldm_jax.ldm.conditioning import CONCAT_KINDS, ClassConditioner, Unconditional
+from ldm_jax.ldm.conditioning import CONCAT_KINDS, ClassConditioner, TextConditioner, Unconditional
 from ldm_jax.ldm.first_stage import PixelSpace
 from ldm_jax.ldm.generation import Program, generate
 from ldm_jax.ldm.model import params_fingerprint
