@@ -17,8 +17,9 @@ import pytest
 from ldm_jax.data import build_dataset
 from ldm_jax.evaluation import classifier as C
 
-# Whole training runs in module fixtures: minutes on 2 cores; `make test-all` runs them.
-pytestmark = pytest.mark.slow
+# Whole training runs (the classifier's module fixture, the eval hook's two stages): minutes on
+# 2 cores, marked slow (`make test-all` runs them); the rest is fast.
+slow = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS = {"name": "digits", "resolution": 32, "channels": 1}
@@ -34,14 +35,16 @@ def _arrays(split):
     return C._source_arrays(build_dataset({**DIGITS, "split": split}))
 
 
+@slow
 def test_classifier_classifies_held_out_real_digits(trained):
     classifier, _ = trained
     images, labels = _arrays("test")
     accuracy = float(np.mean(classifier.predict(images) == labels))
     assert accuracy == pytest.approx(classifier.test_accuracy)
-    assert accuracy >= 0.92, accuracy  # chance is 0.1
+    assert accuracy >= 0.98, accuracy  # chance is 0.1; the issue's demo target is accuracy >= 0.98
 
 
+@slow
 def test_classifier_is_cached_and_reloads_without_training(trained, monkeypatch):
     classifier, cache = trained
     monkeypatch.setattr(C, "train_classifier", lambda *a, **k: pytest.fail("retrained despite the cache"))
@@ -60,12 +63,76 @@ def test_training_is_deterministic(tmp_path):
         np.testing.assert_array_equal(x, y)
 
 
+def test_affine_warp_matches_numpy_quarter_turns_shifts_and_zooms():
+    """Exact on the pixel grid: a quarter turn about the centre is ``np.rot90``, an integer
+    shift is a translation repeating the edge pixels, a 2x zoom maps pixel centre + 2k to centre + k."""
+    x = np.random.RandomState(0).uniform(-1, 1, (3, 9, 9, 2)).astype(np.float32)
+    zeros, ones = np.zeros(3, np.float32), np.ones(3, np.float32)
+    quarter = np.full(3, np.pi / 2, np.float32)
+    rotated = np.rot90(x, k=1, axes=(1, 2))
+    np.testing.assert_allclose(C.affine_warp(x, quarter, ones, np.zeros((3, 2), np.float32)), rotated, atol=1e-5)
+
+    def edge_shift(a, rows, cols):  # out[r, c] = a[clip(r - rows), clip(c - cols)]
+        padded = np.pad(a, ((0, 0), (abs(rows),) * 2, (abs(cols),) * 2, (0, 0)), mode="edge")
+        r0, c0 = abs(rows) - rows, abs(cols) - cols
+        return padded[:, r0 : r0 + a.shape[1], c0 : c0 + a.shape[2]]
+
+    shift = np.tile(np.array([[2.0, -1.0]], np.float32), (3, 1))
+    np.testing.assert_allclose(C.affine_warp(x, zeros, ones, shift), edge_shift(x, 2, -1), atol=1e-6)
+    # rotation first, then the translation
+    np.testing.assert_allclose(C.affine_warp(x, quarter, ones, shift), edge_shift(rotated, 2, -1), atol=1e-5)
+    zoomed = np.asarray(C.affine_warp(x, zeros, 2 * ones, np.zeros((3, 2), np.float32)))
+    k = np.arange(-2, 3)
+    np.testing.assert_allclose(zoomed[:, 4 + 2 * k][:, :, 4 + 2 * k], x[:, 4 + k][:, :, 4 + k], atol=1e-6)
+
+
+def test_random_affine_draws_one_warp_per_image_and_zero_ranges_are_the_identity():
+    import jax
+
+    x = np.tile(_arrays("test")[0][:1], (4, 1, 1, 1))
+    key = jax.random.PRNGKey(0)
+    np.testing.assert_array_equal(C.random_affine(x, key, 0.0, 0.0, 0.0), x)
+    warped = np.asarray(C.random_affine(x, key, 2.0, 12.0, 0.12))
+    assert warped.shape == x.shape and np.all(np.abs(warped) <= 1.0 + 1e-6)  # bilinear: no overshoot
+    assert min(np.abs(warped[i] - warped[j]).max() for i in range(4) for j in range(i)) > 0.1
+    np.testing.assert_array_equal(warped, C.random_affine(x, key, 2.0, 12.0, 0.12))
+
+
+def test_cache_key_covers_the_recipe_and_the_cache_version(tmp_path, monkeypatch):
+    """Training is replaced by the random initialisation (the cache contract, not accuracy)."""
+    import jax
+    import jax.numpy as jnp
+
+    calls = []
+
+    def init_only(images, labels, num_classes, spec):
+        calls.append(spec)
+        return jax.device_get(spec.module(num_classes).init(jax.random.PRNGKey(0), jnp.zeros((1,) + images.shape[1:])))[
+            "params"]
+
+    monkeypatch.setattr(C, "train_classifier", init_only)
+    spec = C.ClassifierSpec(steps=5)
+    first = C.train_or_load_classifier(DIGITS, cache_dir=tmp_path, spec=spec)
+    again = C.train_or_load_classifier(DIGITS, cache_dir=tmp_path, spec=spec)
+    assert len(calls) == 1 and again.key == first.key and again.test_accuracy == first.test_accuracy
+    other = C.train_or_load_classifier(DIGITS, cache_dir=tmp_path, spec=C.ClassifierSpec(steps=5, max_rotation=0.0))
+    assert len(calls) == 2 and other.key != first.key
+    monkeypatch.setattr(C, "_CACHE_VERSION", C._CACHE_VERSION + 1)
+    bumped = C.train_or_load_classifier(DIGITS, cache_dir=tmp_path, spec=spec)
+    assert len(calls) == 3 and bumped.key not in (first.key, other.key)
+    info = json.loads((tmp_path / f"classifier_{bumped.key}.json").read_text())
+    assert info["key_material"]["version"] == C._CACHE_VERSION and info["key_material"]["spec"]["head"] == "flatten"
+    with pytest.raises(ValueError, match="'avg'"):
+        C.ClassifierSpec(head="avg").module(10)
+
+
 def _leaves(tree):
     import jax
 
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
+@slow
 def test_frechet_distance_real_vs_real_is_small_and_noise_is_far(trained):
     classifier, _ = trained
     train_images, train_labels = _arrays("train")
@@ -85,12 +152,13 @@ def test_frechet_distance_real_vs_real_is_small_and_noise_is_far(trained):
     held_out = C.classifier_quality(classifier, test_images, test_labels, reference)
     noise = np.random.RandomState(1).uniform(-1, 1, test_images.shape).astype(np.float32)
     noisy = C.classifier_quality(classifier, noise, test_labels, reference)
-    assert held_out["accuracy"] > 0.9 and noisy["accuracy"] < 0.3
+    assert held_out["accuracy"] >= 0.98 and noisy["accuracy"] < 0.3
     assert reference.fd_real_vs_real < 0.1 * noisy["fd"]
     assert held_out["fd"] < 0.1 * noisy["fd"]
     assert noisy["fd_ratio"] > 50
 
 
+@slow
 def test_digits_quality_matches_classifier_quality(trained):
     classifier, cache = trained
     images, labels = _arrays("test")
@@ -118,6 +186,7 @@ def _quiet(c):
     return c
 
 
+@slow
 def test_eval_hook_logs_metrics_and_keeps_the_best_checkpoint(tmp_path, caplog):
     from configs import digits_autoencoder, digits_ldm
     from ldm_jax.training import eval_hook
@@ -172,6 +241,7 @@ def test_bad_eval_settings_fail_with_one_line(override, message):
     assert "\n" not in str(info.value)
 
 
+@slow
 def test_evaluate_cli_scores_an_image_folder_with_the_digits_classifier(trained, tmp_path):
     from PIL import Image
 

@@ -43,6 +43,7 @@ import flax.linen as nn
 import flax.serialization
 import jax
 import jax.numpy as jnp
+import jax.scipy.ndimage
 import numpy as np
 import optax
 
@@ -54,30 +55,53 @@ log = logging.getLogger(__name__)
 
 FEATURES = "features"
 LOGITS = "logits"
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: ClassifierSpec v2 (flatten head, affine augmentation, AdamW)
+
+
+HEADS = ("flatten", "mean")
 
 
 @dataclasses.dataclass(frozen=True)
 class ClassifierSpec:
-    """Architecture and training recipe (all of it is in the cache key)."""
+    """Architecture and training recipe (all of it is in the cache key).
 
-    widths: tuple[int, ...] = (16, 32, 64)  # a stride-1 convolution, then stride-2 ones
-    feature_dim: int = 64  # the penultimate layer: the FD's feature space
+    Version 2 (held-out digits accuracy 0.944 -> >= 0.98): the last feature map is flattened
+    instead of averaged (a global mean throws away *where* the strokes are, which is most of
+    what tells a 7 from a 1), wider layers, 4x the steps, and random affine augmentation
+    (small rotations, scalings and sub-pixel shifts, the variation between handwriters) in
+    place of integer shifts only."""
+
+    widths: tuple[int, ...] = (32, 64, 64)  # a stride-1 convolution, then stride-2 ones
+    feature_dim: int = 64  # the penultimate layer: the FD's feature space (small: 500 samples estimate its covariance)
     input_pool: int = 2  # average-pool the input first (the digits are 8x8 scans upsampled)
-    steps: int = 400
+    head: str = "flatten"  # "flatten" the last feature map into the feature layer, or "mean" over positions
+    steps: int = 1600
     batch_size: int = 64
     learning_rate: float = 2e-3
-    max_shift: int = 2  # random translation (pixels, with edge padding) as augmentation
+    weight_decay: float = 1e-4  # AdamW, decoupled
+    max_shift: float = 2.0  # augmentation: random translation, pixels at the data resolution
+    max_rotation: float = 12.0  # degrees
+    max_scale: float = 0.12  # relative zoom in [1 - s, 1 + s]
     seed: int = 0
+
+    def __post_init__(self):
+        if self.head not in HEADS:
+            raise ValueError(f"ClassifierSpec.head must be one of {HEADS}, got {self.head!r}")
+        if int(self.steps) < 1 or int(self.batch_size) < 1:
+            raise ValueError(f"ClassifierSpec.steps and batch_size must be >= 1, got {self.steps} and {self.batch_size}")
+
+    def module(self, num_classes: int) -> "ConvClassifier":
+        return ConvClassifier(num_classes, tuple(self.widths), self.feature_dim, self.input_pool, self.head)
 
 
 class ConvClassifier(nn.Module):
     """images float32 [B, H, W, C] in [-1, 1] -> {"features": [B, feature_dim], "logits": [B, K]}."""
 
     num_classes: int
-    widths: Sequence[int] = (16, 32, 64)
+    widths: Sequence[int] = (32, 64, 64)
     feature_dim: int = 64
     input_pool: int = 1
+    head: str = "flatten"
 
     @nn.compact
     def __call__(self, x):
@@ -87,9 +111,14 @@ class ConvClassifier(nn.Module):
         for width in self.widths[1:]:
             x = nn.Conv(width, (3, 3), strides=(2, 2))(x)
             x = nn.gelu(nn.GroupNorm(num_groups=8)(x))
-        x = jnp.mean(x, axis=(1, 2))
+        x = x.reshape(x.shape[0], -1) if self.head == "flatten" else jnp.mean(x, axis=(1, 2))
         features = nn.gelu(nn.Dense(self.feature_dim)(x))
         return {FEATURES: features, LOGITS: nn.Dense(self.num_classes)(features)}
+
+    @property
+    def arch(self) -> tuple:
+        """The constructor arguments (hashable: the key of the compiled apply function)."""
+        return (self.num_classes, tuple(self.widths), self.feature_dim, self.input_pool, self.head)
 
 
 def _as_minus1_1(images) -> np.ndarray:
@@ -100,18 +129,43 @@ def _as_minus1_1(images) -> np.ndarray:
     return images.astype(np.float32)
 
 
-def _shift(images: jax.Array, key: jax.Array, max_shift: int) -> jax.Array:
-    """Translate each image by a random integer offset in [-max_shift, max_shift] (edge padded)."""
-    if max_shift <= 0:
+def affine_warp(images: jax.Array, angle: jax.Array, scale: jax.Array, shift: jax.Array) -> jax.Array:
+    """Rotate each image [B, H, W, C] by ``angle[b]`` radians (counter-clockwise, as
+    ``np.rot90``), zoom it by ``scale[b]`` about its centre, then translate it by ``shift[b]``
+    (rows, cols) pixels; bilinear, edges extended (the digits' background is their border)."""
+    _, h, w, _ = images.shape
+    centre = jnp.array([(h - 1) / 2.0, (w - 1) / 2.0])
+    grid = jnp.stack(jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32),
+                                  indexing="ij"))  # [2, H, W]: output (row, col)
+
+    def one(image, angle, scale, shift):
+        # output pixel p shows the input at centre + R (p - centre - shift) / scale, R the
+        # rotation by -angle in (row, col) coordinates (rows point down)
+        cos, sin = jnp.cos(angle), jnp.sin(angle)
+        d = grid - (centre + shift)[:, None, None]
+        src = jnp.stack([cos * d[0] + sin * d[1], -sin * d[0] + cos * d[1]]) / scale + centre[:, None, None]
+
+        def warp(channel):
+            return jax.scipy.ndimage.map_coordinates(channel, [src[0], src[1]], order=1, mode="nearest")
+
+        return jax.vmap(warp, in_axes=-1, out_axes=-1)(image)
+
+    return jax.vmap(one)(images, angle, scale, shift)
+
+
+def random_affine(images: jax.Array, key: jax.Array, max_shift: float, max_rotation: float,
+                  max_scale: float) -> jax.Array:
+    """:func:`affine_warp` of each image by its own random rotation (uniform in
+    +-``max_rotation`` degrees), zoom (uniform in ``1 +- max_scale``) and translation (uniform
+    in +-``max_shift`` pixels per axis)."""
+    if max_shift <= 0 and max_rotation <= 0 and max_scale <= 0:
         return images
-    b, h, w, _ = images.shape
-    padded = jnp.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)), mode="edge")
-    offsets = jax.random.randint(key, (b, 2), 0, 2 * max_shift + 1)
-
-    def one(image, offset):
-        return jax.lax.dynamic_slice(image, (offset[0], offset[1], 0), (h, w, image.shape[-1]))
-
-    return jax.vmap(one)(padded, offsets)
+    b = images.shape[0]
+    k_angle, k_scale, k_shift = jax.random.split(key, 3)
+    angle = jnp.deg2rad(jax.random.uniform(k_angle, (b,), minval=-max_rotation, maxval=max_rotation))
+    scale = 1.0 + jax.random.uniform(k_scale, (b,), minval=-max_scale, maxval=max_scale)
+    shift = jax.random.uniform(k_shift, (b, 2), minval=-max_shift, maxval=max_shift)
+    return affine_warp(images, angle, scale, shift)
 
 
 def train_classifier(images, labels, num_classes: int, spec: ClassifierSpec = ClassifierSpec()) -> dict:
@@ -121,11 +175,12 @@ def train_classifier(images, labels, num_classes: int, spec: ClassifierSpec = Cl
     y = jnp.asarray(np.asarray(labels, np.int32))
     if x.ndim != 4 or x.shape[0] != y.shape[0]:
         raise ValueError(f"images must be [N, H, W, C] with one label each, got {x.shape} and {y.shape}")
-    module = ConvClassifier(num_classes, tuple(spec.widths), spec.feature_dim, spec.input_pool)
+    module = spec.module(num_classes)
     key = jax.random.PRNGKey(spec.seed)
     params = module.init(key, x[:1])["params"]
-    schedule = optax.cosine_decay_schedule(spec.learning_rate, spec.steps, alpha=0.05)
-    tx = optax.adam(schedule)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, spec.learning_rate, min(100, spec.steps // 10), spec.steps,
+                                                  end_value=0.02 * spec.learning_rate)
+    tx = optax.adamw(schedule, weight_decay=spec.weight_decay)
     opt_state = tx.init(params)
     n = x.shape[0]
     batch = min(int(spec.batch_size), n)
@@ -138,7 +193,8 @@ def train_classifier(images, labels, num_classes: int, spec: ClassifierSpec = Cl
         p, o = carry
         k = jax.random.fold_in(key, i)
         idx = jax.random.choice(jax.random.fold_in(k, 1), n, (batch,), replace=False)
-        xb = _shift(x[idx], jax.random.fold_in(k, 2), int(spec.max_shift))
+        xb = random_affine(x[idx], jax.random.fold_in(k, 2), float(spec.max_shift), float(spec.max_rotation),
+                           float(spec.max_scale))
         loss, grads = jax.value_and_grad(loss_fn)(p, xb, y[idx])
         updates, o = tx.update(grads, o, p)
         return (optax.apply_updates(p, updates), o), loss
@@ -166,8 +222,7 @@ class DatasetClassifier:
         devices = jax.local_device_count()
         size = local_batch_size or max(devices, (self.batch_size // devices) * devices)
         if (size, mesh) not in self._fns:
-            m = self.module
-            apply = _apply_fn(m.num_classes, tuple(m.widths), m.feature_dim, m.input_pool)
+            apply = _apply_fn(*self.module.arch)
             self._fns[(size, mesh)] = ShardedFeatureFn(apply, {"params": self.params}, local_batch_size=size, mesh=mesh)
         return self._fns[(size, mesh)]
 
@@ -190,9 +245,9 @@ class DatasetClassifier:
 
 
 @functools.lru_cache(maxsize=None)
-def _apply_fn(num_classes: int, widths: tuple[int, ...], feature_dim: int, input_pool: int):
+def _apply_fn(num_classes: int, widths: tuple[int, ...], feature_dim: int, input_pool: int, head: str):
     """One function object per architecture, so ShardedFeatureFn compiles it once per mesh."""
-    module = ConvClassifier(num_classes, widths, feature_dim, input_pool)
+    module = ConvClassifier(num_classes, widths, feature_dim, input_pool, head)
 
     def apply(variables, images01):
         return module.apply(variables, images01 * 2.0 - 1.0)
@@ -252,7 +307,7 @@ def train_or_load_classifier(
         "spec": dataclasses.asdict(spec),
     }
     key = hashlib.sha256(json.dumps(key_material, sort_keys=True).encode()).hexdigest()[:16]
-    module = ConvClassifier(num_classes, tuple(spec.widths), spec.feature_dim, spec.input_pool)
+    module = spec.module(num_classes)
     directory = os.fspath(cache_dir) if cache_dir is not None else default_cache_dir()
     weights_path = os.path.join(directory, f"classifier_{key}.msgpack")
     info_path = os.path.join(directory, f"classifier_{key}.json")
