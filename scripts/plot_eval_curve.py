@@ -186,7 +186,10 @@ def _y_axis(values: list[float], scale: str) -> tuple[list[float], bool]:
     return nice_ticks(min(0.0, lo), hi), False
 
 
-def plot(records: list[dict], out: str, size: tuple[int, int] = (800, 400), fd_scale: str = "auto") -> str:
+def plot(records: list[dict], out: str, size: tuple[int, int] = (800, 400), fd_scale: str = "auto",
+         accuracy_target: float = 0.98) -> str:
+    """Write the figure (module docstring) to ``out``; ``accuracy_target`` > 0 draws that level
+    on the accuracy panel (the demo's target, issue 13)."""
     from PIL import Image, ImageDraw, ImageFont
 
     width, height = size
@@ -212,8 +215,12 @@ def plot(records: list[dict], out: str, size: tuple[int, int] = (800, 400), fd_s
         if name == "accuracy":
             panel = Panel(draw, font, box, x_range, nice_ticks(0.0, 1.0), False, "conditional accuracy", "step")
             panel.axes()
+            entries = [("accuracy of the samples", COLORS[name], False)]
+            if accuracy_target > 0:
+                panel.hline(accuracy_target, COLORS["target"], dash=4)
+                entries.append((f"target ({accuracy_target:g})", COLORS["target"], True))
             panel.curve(xs, ys, COLORS[name])
-            panel.legend([("accuracy of the samples", COLORS[name], False)], corner="br")
+            panel.legend(entries, corner="br")
             continue
         refs = sorted({float(r["fd_real_vs_real"]) for r in records if "fd_real_vs_real" in r})
         ref = refs[-1] if refs else None  # one value per run (the same real images every time)
@@ -243,12 +250,13 @@ def main(argv=None) -> int:
     p.add_argument("--width", type=int, default=800)
     p.add_argument("--height", type=int, default=400)
     p.add_argument("--fd_scale", choices=("auto", "linear", "log"), default="auto")
+    p.add_argument("--accuracy_target", type=float, default=0.98, help="a reference line on the accuracy panel (0: none)")
     args = p.parse_args(argv)
     try:
         if args.width < 300 or args.height < 200:
             raise BadInput(f"--width/--height must be at least 300x200, got {args.width}x{args.height}")
         records = read_records(args.workdir)
-        plot(records, args.out, (args.width, args.height), args.fd_scale)
+        plot(records, args.out, (args.width, args.height), args.fd_scale, args.accuracy_target)
     except BadInput as e:
         print(f"plot_eval_curve.py: {e}", file=sys.stderr)
         return 2
