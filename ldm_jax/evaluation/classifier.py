@@ -16,7 +16,13 @@ distance and its argmax the judge of class-conditional samples:
   1617, so with K around 500 the estimator biases of the two numbers are alike).
 
 That the classifier is a valid feature network is checked by its accuracy on the held-out
-split (``DatasetClassifier.test_accuracy``; > 0.97 on the digits, tests/test_evaluation_classifier.py).
+split (``DatasetClassifier.test_accuracy``; 0.983 on the digits for seeds 0-2, >= 0.98 asserted in
+tests/test_evaluation_classifier.py).
+
+Caveat on ``fd_ratio`` (measured by scripts/classifier_report.py, README "feature network"):
+the reference features are those of the images the classifier was trained on, and it places
+unseen real digits about twice as far from them as seen ones at the same count, so even a
+perfect generator's samples score about 2x the real-vs-real FD at K = 500.
 
 Cache: ``<cache_dir>/classifier_<hash>.msgpack`` (flax's msgpack serialization, no pickle)
 plus a ``.json`` with the spec and accuracy; the hash covers the dataset's name, resolution,
@@ -67,15 +73,15 @@ class ClassifierSpec:
 
     Version 2 (held-out digits accuracy 0.944 -> >= 0.98): the last feature map is flattened
     instead of averaged (a global mean throws away *where* the strokes are, which is most of
-    what tells a 7 from a 1), wider layers, 4x the steps, and random affine augmentation
+    what tells a 7 from a 1), 2x the steps, AdamW with warm-up, and random affine augmentation
     (small rotations, scalings and sub-pixel shifts, the variation between handwriters) in
     place of integer shifts only."""
 
-    widths: tuple[int, ...] = (32, 64, 64)  # a stride-1 convolution, then stride-2 ones
+    widths: tuple[int, ...] = (16, 32, 64)  # a stride-1 convolution, then stride-2 ones
     feature_dim: int = 64  # the penultimate layer: the FD's feature space (small: 500 samples estimate its covariance)
     input_pool: int = 2  # average-pool the input first (the digits are 8x8 scans upsampled)
     head: str = "flatten"  # "flatten" the last feature map into the feature layer, or "mean" over positions
-    steps: int = 1600
+    steps: int = 800
     batch_size: int = 64
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4  # AdamW, decoupled
@@ -98,7 +104,7 @@ class ConvClassifier(nn.Module):
     """images float32 [B, H, W, C] in [-1, 1] -> {"features": [B, feature_dim], "logits": [B, K]}."""
 
     num_classes: int
-    widths: Sequence[int] = (32, 64, 64)
+    widths: Sequence[int] = (16, 32, 64)
     feature_dim: int = 64
     input_pool: int = 1
     head: str = "flatten"
