@@ -67,6 +67,8 @@ def sd_folder(tmp_path_factory):
     return H.save_tiny_sd_folder(str(tmp_path_factory.mktemp("sd") / "sd"))
 
 
+# Builds and differentiates the whole stage (84 CPU-s, 6 min wall on the loaded 2-core machine).
+@pytest.mark.slow
 def test_controlnet_sd15_runlocal_builds_on_a_diffusers_sd_folder_and_matches_from_unet(sd_folder):
     """:runlocal with only ``controlnet.base`` set: the stage reads the diffusers folder, its
     ControlNet initialisation is diffusers' ``ControlNetModel.from_unet`` of that U-Net, and
