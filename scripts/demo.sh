@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: train the digits autoencoder, then the class-conditional latent diffusion model
 # on it, on this machine's CPU, and write a grid of samples (one row per digit, 0 to 9) to
-# <workdir>/demo_grid.png and docs/demo_grid.png. Re-running resumes/skips finished stages;
+# <workdir>/demo_grid.png and docs/demo_grid.png, and its evaluation curve to
+# docs/demo_eval_curve.png (scripts/plot_eval_curve.py). Re-running resumes/skips finished stages;
 # delete the workdir to start over.
 set -euo pipefail
 
@@ -28,9 +29,16 @@ grid=$(ls "$WORKDIR"/ldm/samples/samples_*.png | sort | tail -n 1)
 cp "$grid" "$WORKDIR/demo_grid.png"
 mkdir -p docs
 cp "$grid" docs/demo_grid.png
+curve=""
+if [ -f "$WORKDIR/ldm/eval_metrics.jsonl" ]; then
+    # the evaluation curve (config.eval of configs/digits_ldm.py): accuracy and FD against step
+    "$PY" scripts/plot_eval_curve.py "$WORKDIR/ldm" --out docs/demo_eval_curve.png
+    curve="
+   evaluation curve: docs/demo_eval_curve.png (rows above; $WORKDIR/ldm/eval_metrics.jsonl)"
+fi
 cat <<SUMMARY
 == done in $((ldm_done - start)) s (autoencoder $((ae_done - start)) s, latent diffusion $((ldm_done - ae_done)) s)
-   samples, one row per digit 0..9: $WORKDIR/demo_grid.png (copied to docs/demo_grid.png)
+   samples, one row per digit 0..9: $WORKDIR/demo_grid.png (copied to docs/demo_grid.png)$curve
    exported models: $WORKDIR/autoencoder/model, $WORKDIR/ldm/model
    TensorBoard:     tensorboard --logdir $WORKDIR
 SUMMARY
