@@ -20,7 +20,7 @@ install: $(STAMP)
 
 # Two workers, one test file each at a time (module-scoped compiled fixtures stay shared).
 test: $(STAMP)
-	$(TEST_ENV) $(PY) -m pytest -x -q -n 2 --dist loadfile -m "not slow"
+	$(TEST_ENV) $(PY) -m pytest -x -q -n 2 --dist loadfile -m "not slow" --durations=25
 
 # Everything, the slow whole-training-run modules too (about twice as long).
 test-all: $(STAMP)
