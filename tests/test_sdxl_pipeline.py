@@ -229,7 +229,7 @@ def test_sdxl_img2img_and_inpainting_run_and_validate(ours):
 
 # Written at the end of the session; not yet run to completion on the loaded machine (the CLI
 # run itself completed and wrote its images): marked slow: `make test-all` runs them.
-@pytest.mark.slow  # run by `make test-all`; not yet confirmed passing (see README Tests)
+@pytest.mark.slow  # run by `make test-all` (whole SDXL-shaped runs: 80-260 s each here)
 def test_sample_cli_sdxl_base_and_refiner_match_the_python_api(folders, ours, tmp_path, capsys):
     import json
     import os
@@ -264,7 +264,7 @@ def test_sample_cli_sdxl_base_and_refiner_match_the_python_api(folders, ours, tm
 
 # Written at the end of the session; not yet run to completion on the loaded machine (the CLI
 # run itself completed and wrote its images): marked slow: `make test-all` runs them.
-@pytest.mark.slow  # run by `make test-all`; not yet confirmed passing (see README Tests)
+@pytest.mark.slow  # run by `make test-all` (whole SDXL-shaped runs: 80-260 s each here)
 def test_sdxl_pipelines_save_as_folders_diffusers_and_ldm_jax_load(ours, tmp_path):
     """save_model_folder of the base and the refiner: diffusers' SDXL pipelines load them with
     the same tensors; our reload gives the same latents, bit for bit."""
