@@ -130,6 +130,7 @@ def test_select_conv_impl_and_bad_names():
     assert resolve_padding("SAME", (3, 3), (2, 2), (8, 8)) == ((0, 1), (0, 1))  # XLA's SAME
 
 
+@pytest.mark.slow  # run by `make test-all` (whole-U-Net compiles per formulation: 98 s here; the 45 per-layer formulation tests stay in make test)
 def test_unet_conv_impls_match_xla_forward_and_gradients():
     """A tiny U-Net (down/up-sampling, 1x1 shortcuts, 4x4 and 2x2 levels) with conv_impl="auto":
     same parameter tree, output and parameter gradients as lax.conv to float32 rounding (the diffusers parity tests hold for ``xla``; this carries them to the others)."""

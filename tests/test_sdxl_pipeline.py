@@ -201,6 +201,7 @@ def test_sdxl_base_to_refiner_hand_off_matches_diffusers(folders, ours):
     np.testing.assert_array_equal(again, got)
 
 
+@pytest.mark.slow  # run by `make test-all` (four SDXL-shaped generation programs: 61 s here)
 def test_sdxl_img2img_and_inpainting_run_and_validate(ours):
     base, refiner = ours
     rng = np.random.default_rng(3)

@@ -237,6 +237,7 @@ def test_resume_after_preemption_reproduces_the_uninterrupted_run(digits_runs, t
 # ----------------------------------------------------------------------------- other data
 
 
+@pytest.mark.slow  # run by `make test-all` (a whole text-conditional training run: 109 s here)
 def test_text_conditional_shapes_run_trains_the_text_encoder(tmp_path):
     from ldm_jax.data import build_dataset
     from ldm_jax.pipeline import load_model_folder
