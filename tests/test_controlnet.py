@@ -108,6 +108,22 @@ def test_controlnet_residuals_match_diffusers_random_weights(ref):
         assert max(errs) <= 1e-5
 
 
+@pytest.mark.parametrize("conv_impl", ["im2col", "auto"])
+def test_controlnet_conv_formulations_match_diffusers_and_export_the_same_config(ref, conv_impl):
+    # conv_impl changes how the convolutions run, never the parameters or the exported config.
+    j = ref["j"]
+    (cn_t, _, (controlnet, params)), cond = ref["nets"][0], ref["conds"][0]
+    other = controlnet.clone(conv_impl=conv_impl)
+    assert other.to_diffusers_config() == controlnet.to_diffusers_config()
+    assert ControlNet.from_unet(ref["unet"].clone(conv_impl=conv_impl)).conv_impl == conv_impl
+    with torch.no_grad():
+        want = cn_t(torch.from_numpy(ref["x"]), torch.from_numpy(ref["t"]), torch.from_numpy(ref["ctx"]),
+                    torch.from_numpy(cond), conditioning_scale=0.8, return_dict=False)
+    down, mid = ref["cn_fwd"](other, params, j(ref["x"]), j(ref["t"]), j(ref["ctx"]), j(cond), 0.8)
+    errs = [_rel_err(d, _nhwc(w)) for d, w in zip(down, want[0])] + [_rel_err(mid, _nhwc(want[1]))]
+    assert max(errs) <= 1e-5, (conv_impl, errs)
+
+
 def test_several_controlnets_injected_into_unet_match_diffusers(ref):
     j = ref["j"]
     scales = [0.6, 1.3]

@@ -54,7 +54,7 @@ _SHARED = (
     "layers_per_block", "mid_block_scale_factor", "norm_num_groups", "norm_eps", "cross_attention_dim",
     "transformer_layers_per_block", "attention_head_dim", "num_attention_heads", "use_linear_projection",
     "upcast_attention", "num_class_embeds", "num_classes", "resnet_time_scale_shift", "attention",
-    "dtype", "param_dtype",
+    "conv_impl", "dtype", "param_dtype",
 )
 # U-Net config keys of SDXL's micro-conditioning, which this ControlNet does not have.
 _SDXL_KEYS = ("addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim")
@@ -125,6 +125,9 @@ class ControlNet(nn.Module):
     conditioning_embedding_out_channels: Sequence[int] = (16, 32, 96, 256)
     global_pool_conditions: bool = False
     attention: str = "auto"  # attention backend (ldm_jax.kernels)
+    # ldm_jax.kernels.conv formulation of the encoder's and zero convolutions (as UNet.conv_impl;
+    # same parameters whichever runs). The conditioning embedding keeps lax.conv.
+    conv_impl: str = "xla"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -245,7 +248,9 @@ class ControlNet(nn.Module):
 
         if self.controlnet_conditioning_channel_order == "bgr":
             control_image = control_image[..., ::-1]
-        h = P.conv(channels[0], (3, 3), padding=((1, 1), (1, 1)), name="conv_in", **kw)(x.astype(self.dtype))
+        h = P.conv(
+            channels[0], (3, 3), padding=((1, 1), (1, 1)), name="conv_in", impl=self.conv_impl, **kw
+        )(x.astype(self.dtype))
         h = h + ControlNetConditioningEmbedding(
             channels[0], tuple(self.conditioning_embedding_out_channels), name="controlnet_cond_embedding", **kw
         )(control_image)
@@ -256,6 +261,7 @@ class ControlNet(nn.Module):
             norm_eps=self.norm_eps,
             time_embedding_norm=self.resnet_time_scale_shift,
             attention=self.attention,
+            conv_impl=self.conv_impl,
             **kw,
         )
         deterministic = not train
@@ -281,8 +287,9 @@ class ControlNet(nn.Module):
             **block_kw,
         )(h, emb, context, deterministic)
 
-        down = [_zero_conv(s.shape[-1], f"controlnet_down_blocks_{j}", **kw)(s) for j, s in enumerate(skips)]
-        mid = _zero_conv(h.shape[-1], "controlnet_mid_block", **kw)(h)
+        zkw = dict(impl=self.conv_impl, **kw)
+        down = [_zero_conv(s.shape[-1], f"controlnet_down_blocks_{j}", **zkw)(s) for j, s in enumerate(skips)]
+        mid = _zero_conv(h.shape[-1], "controlnet_mid_block", **zkw)(h)
         if guess_mode and not self.global_pool_conditions:
             scales = jnp.logspace(-1.0, 0.0, len(down) + 1) * conditioning_scale
             down = [d * scales[j].astype(d.dtype) for j, d in enumerate(down)]

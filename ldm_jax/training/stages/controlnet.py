@@ -41,6 +41,7 @@ import numpy as np
 from ldm_jax.data import build_dataset
 from ldm_jax.diffusion import diffusion_loss, make_schedule
 from ldm_jax.interop.diffusers_controlnet import load_diffusers_controlnet, save_diffusers_controlnet
+from ldm_jax.kernels.conv import CONV_IMPL_NAMES
 from ldm_jax.ldm.conditioning import Unconditional
 from ldm_jax.ldm.first_stage import PixelSpace, box_like
 from ldm_jax.ldm.generation import Program, generate
@@ -137,7 +138,8 @@ def build_stage(config: Any, data_stats: Any, *, source: Any = None, run: Any = 
         raise ValueError("config.controlnet.base is empty: give the frozen base model folder")
     weighting = choice("config.controlnet.weighting", section.weighting, WEIGHTINGS)
     base = ControlNetBase.from_folder(str(section.base), float(section.drop_prob))
-    unet, fs, c = base.unet, base.first_stage, base.conditioner
+    conv_impl = choice("config.controlnet.conv_impl", section.conv_impl, CONV_IMPL_NAMES)
+    unet, fs, c = base.unet.clone(conv_impl=conv_impl), base.first_stage, base.conditioner
     source = build_dataset(config.data) if source is None else source
     channels = _control_channels(source)
     resolution = int(data_stats.resolution)
@@ -153,6 +155,7 @@ def build_stage(config: Any, data_stats: Any, *, source: Any = None, run: Any = 
     init_folder = str(section.init or "")
     if init_folder:
         controlnet, init_values = load_diffusers_controlnet(init_folder)
+        controlnet = controlnet.clone(conv_impl=conv_impl)
         if controlnet.control_downsample_factor != fs.factor or controlnet.in_channels != unet.in_channels:
             raise ValueError(f"{init_folder}: the ControlNet does not fit the base U-Net / first stage")
     else:
