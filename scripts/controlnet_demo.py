@@ -78,6 +78,9 @@ def configs(workdir: str, a):
     ldm.unet.up_block_types = ("UpBlock2D",) * 2
     ldm.unet.mid_block_type = "UNetMidBlock2D"
     ldm.unet.norm_num_groups = 32
+    # The per-shape CPU convolution formulation (as configs/digits_ldm.py): same parameters,
+    # faster steps on this 8x8 U-Net; the exported model (the ControlNet's base) is unchanged.
+    ldm.unet.conv_impl = "auto"
     ldm.conditioning.kind = "class"  # label: the shape (circle, square, ...)
     ldm.conditioning.drop_prob = 0.1
     ldm.diffusion.prediction = "eps"
@@ -89,6 +92,7 @@ def configs(workdir: str, a):
     cn.data.resolution = res
     cn.data.shapes_num_examples = 20_000
     cn.controlnet.base = os.path.join(workdir, "ldm", "model")
+    # cn.controlnet.conv_impl stays "xla": "auto" measured slower for this stage (187 s vs 146 s).
     cn.optimizer.learning_rate = 5e-4
     cn.optimizer.warmup_steps = 20
     cn.ema.decay = 0.99
@@ -120,7 +124,7 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="runs/controlnet_demo")
     p.add_argument("--resolution", type=int, default=16)
     p.add_argument("--ae_steps", type=int, default=600)
-    p.add_argument("--ldm_steps", type=int, default=1500)
+    p.add_argument("--ldm_steps", type=int, default=1000)
     p.add_argument("--cn_steps", type=int, default=600)
     p.add_argument("--num_eval", type=int, default=64)
     p.add_argument("--sample_steps", type=int, default=25)
