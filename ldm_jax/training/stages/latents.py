@@ -188,20 +188,17 @@ def build_latent_cache(
     captions = [""] * n if source.has_captions else None
     micro = {name: np.zeros((n, 2), np.int32) for name in micro_keys}
     multi = jax.process_count() > 1
+
+    def gather(values):
+        """This process's rows of a global batch -> all of them (a no-op on one process)."""
+        return np.asarray(multihost_utils.process_allgather(values, tiled=True)) if multi else np.asarray(values)
+
     log.info("encoding %d examples into the latent cache %s", n, directory)
     for b in range(num_batches):
         local = loader.get_batch(b)
-        raw = encoder(local["image"])
-        raw = np.asarray(multihost_utils.process_allgather(raw, tiled=True)) if multi else np.asarray(raw)
-        batch_labels = None
-        if labels is not None:
-            batch_labels = local["label"]
-            if multi:
-                batch_labels = np.asarray(multihost_utils.process_allgather(np.asarray(batch_labels), tiled=True))
-        batch_micro = {}
-        for name in micro_keys:
-            values = np.asarray(local[name], np.int32)
-            batch_micro[name] = np.asarray(multihost_utils.process_allgather(values, tiled=True)) if multi else values
+        raw = gather(encoder(local["image"]))
+        batch_labels = gather(np.asarray(local["label"])) if labels is not None else None
+        batch_micro = {name: gather(np.asarray(local[name], np.int32)) for name in micro_keys}
         indices = loader.sampler.global_batch_indices(b)
         keep = np.arange(b * batch, (b + 1) * batch) < n  # the last batch wraps around
         if main:
@@ -209,7 +206,7 @@ def build_latent_cache(
             for name, values in batch_micro.items():
                 micro[name][indices[keep]] = values[keep]
             if batch_labels is not None:
-                labels[indices[keep]] = np.asarray(batch_labels)[keep]
+                labels[indices[keep]] = batch_labels[keep]
             if captions is not None:
                 # Other processes' captions are host strings: process 0 reads them again.
                 batch_captions = local["caption"] if not multi else [source[int(i)]["caption"] for i in indices]
