@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the control image of each --controlnet, in order (resized to the image size)")
     p.add_argument("--controlnet_scale", action="append", type=float, default=None, metavar="S",
                    help="conditioning scale of each --controlnet (one value for all; default 1.0)")
+    p.add_argument("--guess_mode", action="store_true",
+                   help="ControlNet guess mode (diffusers' guess_mode): residuals ramped per block, "
+                   "only the conditional guidance branch controlled")
     p.add_argument(
         "--lora", action="append", default=[], metavar="PATH[:SCALE]",
         help="a LoRA file (diffusers/peft or kohya .safetensors, or a folder with pytorch_lora_weights.safetensors) "
@@ -172,6 +175,8 @@ def _check_args(args) -> None:
         raise BadInput(f"{nets} --controlnet folder(s) but {controls} --control_image(s): give one per ControlNet")
     if scales not in (0, 1, nets):
         raise BadInput(f"{scales} --controlnet_scale values for {nets} --controlnet folder(s)")
+    if args.guess_mode and not nets:
+        raise BadInput("--guess_mode applies to ControlNets: give --controlnet")
     for folder in args.controlnet or ():
         if not os.path.isdir(folder):
             raise BadInput(f"ControlNet folder not found: {folder}")
@@ -271,6 +276,8 @@ def _regenerate_command(args, kind: str, value, index: int) -> str:
         cmd += ["--controlnet", os.path.abspath(folder), "--control_image", os.path.abspath(image)]
     for scale in args.controlnet_scale or ():
         cmd += ["--controlnet_scale", repr(scale)]
+    if args.guess_mode:
+        cmd += ["--guess_mode"]
     if args.strength is not None:
         cmd += ["--strength", repr(args.strength)]
     for name, value in _sdxl_options(args).items():
@@ -346,6 +353,7 @@ def run(args) -> int:
         ]
         scales = args.controlnet_scale or [1.0]
         images_in["controlnet_scale"] = scales * len(nets) if len(scales) == 1 else list(scales)
+        images_in["guess_mode"] = bool(args.guess_mode)
     if "init_image" in files:
         images_in["init_image"] = _pixels(files["init_image"], pipe.first_stage.image_channels)
     if "mask" in files:
@@ -390,6 +398,7 @@ def run(args) -> int:
              "sha256": _file_sha256(image), "scale": scale}
             for folder, image, scale in zip(args.controlnet, args.control_image, images_in["controlnet_scale"])
         ]
+        inputs_record["guess_mode"] = bool(args.guess_mode)
     def call_arguments(batch):
         conditions = [value for value, _ in batch]
         return dict(

@@ -135,7 +135,38 @@ def test_controlnet_generation_matches_diffusers_controlnet_pipeline(sd):
     assert err <= 1e-5
 
 
+def test_guess_mode_matches_diffusers_controlnet_pipeline(sd):
+    """diffusers' guess mode: residuals ramped by logspace(-1, 0) per block, the unconditional
+    guidance branch without ControlNet residuals; per-ControlNet scales as above."""
+    seed, scales = 5, [0.7, 1.3]
+    x_T = np.asarray(initial_noise(jax.random.PRNGKey(seed), (2, *LATENT)))
+    images = [torch.from_numpy(c.transpose(0, 3, 1, 2).copy()) for c in sd["controls"]]
+
+    def reference(guess_mode):
+        with torch.no_grad():
+            return sd["pipe"](
+                PROMPTS, image=images, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=7.5,
+                controlnet_conditioning_scale=scales, guess_mode=guess_mode,
+                latents=torch.from_numpy(x_T.transpose(0, 3, 1, 2).copy()), output_type="latent",
+            ).images.numpy().transpose(0, 2, 3, 1)
+
+    ref, unguessed = reference(True), reference(False)
+    _, latents = sd["controlled"](
+        PROMPTS, control_image=sd["controls"], controlnet_scale=scales, num_steps=STEPS, guidance_scale=7.5,
+        seed=seed, return_latents=True, guess_mode=True,
+    )
+    err = float(np.abs(latents - ref).max() / np.abs(ref).max())
+    effect = float(np.abs(unguessed - ref).max() / np.abs(ref).max())
+    print(f"guess mode final latents vs diffusers: max rel err {err:.2e} (guess mode changes them by {effect:.2e})")
+    assert effect > 1e-2
+    assert err <= 1e-5
+
+
 def test_controlnet_pipeline_bad_inputs_raise_one_line_errors(sd):
+    with pytest.raises(ValueError, match="guess_mode applies to ControlNets"):
+        sd["ours"].validate(PROMPTS, num_steps=STEPS, guess_mode=True)
+    with pytest.raises(ValueError, match="guess_mode must be True or False, got 'yes'"):
+        sd["controlled"].validate(PROMPTS, control_image=sd["controls"], num_steps=STEPS, guess_mode="yes")
     with pytest.raises(ValueError, match="pass control_image"):
         sd["controlled"].validate(PROMPTS, num_steps=STEPS)
     with pytest.raises(ValueError, match="control_image holds 1 entries for 2 ControlNet"):
@@ -175,6 +206,8 @@ def test_sample_cli_controlnet_flags(sd, tmp_path, capsys):
     common = ["--model_dir", sd["sd_folder"], "--prompt", PROMPTS[0], "--steps", str(STEPS), "--batch_size", "1"]
     code = sample.main(common + ["--controlnet", sd["folders"][0], "--out", str(tmp_path / "x")])
     assert code == 2 and "1 --controlnet folder(s) but 0 --control_image(s)" in capsys.readouterr().err
+    code = sample.main(common + ["--guess_mode", "--out", str(tmp_path / "x")])
+    assert code == 2 and "--guess_mode applies to ControlNets" in capsys.readouterr().err
     args = common + ["--out", str(tmp_path / "out")]
     for folder, path in zip(sd["folders"], paths):
         args += ["--controlnet", folder, "--control_image", path]

@@ -62,6 +62,18 @@ def test_a_misspelled_controlnet_key_is_refused_in_one_line():
     assert "\n" not in str(info.value)
 
 
+def test_an_unknown_controlnet_conv_impl_is_refused_in_one_line_before_loading_the_base(tmp_path):
+    from ldm_jax.training.context import start_run
+    from ldm_jax.training.stages import controlnet as stage_lib
+
+    c = controlnet_sd15.get_config("runlocal")
+    c.controlnet.base = str(tmp_path / "no_such_folder")  # never read: the setting is checked first
+    c.controlnet.conv_impl = "im2cl"
+    with pytest.raises(ValueError, match="config.controlnet.conv_impl.*'im2cl'") as info:
+        stage_lib.build_stage(c, None, run=start_run(c))
+    assert "\n" not in str(info.value)
+
+
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory):
     return H.save_tiny_sd_folder(str(tmp_path_factory.mktemp("sd") / "sd"))

@@ -45,6 +45,8 @@ class Program:
       ``denoising_start`` / ``denoising_end``; mode "resume" continues ``inputs["init_latents"]``,
       a VP state at the level of ``start_step``; ``stop_step`` applies to text2img and img2img too).
     decode: decode the final latents (False: ``images`` is None, e.g. a base -> refiner hand-off).
+    guess_mode: ControlNet guess mode (diffusers' ``guess_mode=True``): residuals ramped per
+      block, and with guidance only the conditional branch is controlled.
     """
 
     mode: str
@@ -60,6 +62,7 @@ class Program:
     start_step: int | None = None
     stop_step: int | None = None
     decode: bool = True
+    guess_mode: bool = False
 
 
 def generate(
@@ -113,11 +116,21 @@ def generate(
         cond = {**cond, _CONCAT: channels}
         uncond = None if uncond is None else {**uncond, _CONCAT: channels}
 
+    unet_kwargs = {}
     if "control" in inputs:
         # ControlNet inputs go to both guidance branches, as diffusers duplicates the control
-        # image (guess_mode=False); ControlledUNet.apply takes them as ``control``.
-        cond = {**cond, "control": inputs["control"]}
-        uncond = None if uncond is None else {**uncond, "control": inputs["control"]}
+        # image; ControlledUNet.apply takes them as ``control``. In guess mode diffusers runs the
+        # ControlNets on the conditional branch only and gives the unconditional one zero
+        # residuals: here both branches run them (one batched call) with the unconditional
+        # scales set to 0, which gives the same zeros.
+        control = inputs["control"]
+        cond = {**cond, "control": control}
+        if uncond is not None:
+            if program.guess_mode:
+                control = tuple((image, jnp.zeros_like(scale)) for image, scale in control)
+            uncond = {**uncond, "control": control}
+        if program.guess_mode:
+            unet_kwargs["guess_mode"] = True
 
     unet_variables = {"params": params["unet"]}
 
@@ -126,7 +139,7 @@ def generate(
         channels = conditioning.pop(_CONCAT, None)
         if channels is not None:
             x = jnp.concatenate([x, channels.astype(x.dtype)], axis=-1)
-        return unet.apply(unet_variables, x, t, **conditioning)
+        return unet.apply(unet_variables, x, t, **conditioning, **unet_kwargs)
 
     if program.use_cfg:
         model = cfg_model_fn(

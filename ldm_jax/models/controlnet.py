@@ -290,13 +290,15 @@ class ControlNet(nn.Module):
         zkw = dict(impl=self.conv_impl, **kw)
         down = [_zero_conv(s.shape[-1], f"controlnet_down_blocks_{j}", **zkw)(s) for j, s in enumerate(skips)]
         mid = _zero_conv(h.shape[-1], "controlnet_mid_block", **zkw)(h)
+        scale = jnp.asarray(conditioning_scale, jnp.float32)  # scalar or per example [B, 1, 1, 1]
         if guess_mode and not self.global_pool_conditions:
-            scales = jnp.logspace(-1.0, 0.0, len(down) + 1) * conditioning_scale
-            down = [d * scales[j].astype(d.dtype) for j, d in enumerate(down)]
-            mid = mid * scales[-1].astype(mid.dtype)
+            # the ramp is per residual, the scale per example: multiply them one residual at a time
+            ramp = jnp.logspace(-1.0, 0.0, len(down) + 1)
+            down = [d * (ramp[j] * scale).astype(d.dtype) for j, d in enumerate(down)]
+            mid = mid * (ramp[-1] * scale).astype(mid.dtype)
         else:
-            down = [d * jnp.asarray(conditioning_scale, d.dtype) for d in down]
-            mid = mid * jnp.asarray(conditioning_scale, mid.dtype)
+            down = [d * scale.astype(d.dtype) for d in down]
+            mid = mid * scale.astype(mid.dtype)
         if self.global_pool_conditions:
             down = [jnp.mean(d, axis=(1, 2), keepdims=True) for d in down]
             mid = jnp.mean(mid, axis=(1, 2), keepdims=True)
@@ -327,7 +329,9 @@ class ControlledUNet:
     class_labels, control=((image_1, scale_1), ...), train=False, rngs=None)``: ControlNet i
     reads ``image_i`` [B, H, W, C] in [0, 1] and its residuals are multiplied by ``scale_i``
     (a scalar or per-example [B]); the summed residuals go into the U-Net (diffusers'
-    ``StableDiffusionControlNetPipeline`` denoiser, ``guess_mode=False``).
+    ``StableDiffusionControlNetPipeline`` denoiser). ``guess_mode=True`` ramps each
+    ControlNet's residuals (diffusers' guess mode; the pipeline also zeroes the scales of the
+    unconditional guidance branch, see ``ldm_jax.ldm.generation``).
     """
 
     unet: UNet
@@ -347,8 +351,12 @@ class ControlledUNet:
             raise AttributeError(name)
         return getattr(self.unet, name)
 
-    def residuals(self, controlnet_params, x, t, context, class_labels, control, train=False, rngs=None):
-        """The summed, scaled residuals ``(down, mid)`` of every ControlNet."""
+    def residuals(
+        self, controlnet_params, x, t, context, class_labels, control, train=False, rngs=None, guess_mode=False
+    ):
+        """The summed, scaled residuals ``(down, mid)`` of every ControlNet (``guess_mode``:
+        each ControlNet's residuals ramped by ``logspace(-1, 0)`` from the first to the mid
+        block, as diffusers' ``ControlNetModel(guess_mode=True)``)."""
         if len(control) != len(self.controlnets) or len(controlnet_params) != len(self.controlnets):
             raise ValueError(
                 f"{len(self.controlnets)} ControlNets but {len(control)} control inputs and "
@@ -361,13 +369,17 @@ class ControlledUNet:
                 scale = scale[:, None, None, None]
             outputs.append(cn.apply(
                 {"params": params}, x, t, context, image, conditioning_scale=scale, class_labels=class_labels,
-                train=train, rngs=rngs,
+                guess_mode=guess_mode, train=train, rngs=rngs,
             ))
         return sum_residuals(outputs)
 
-    def apply(self, variables, x, t, context=None, class_labels=None, train=False, *, control, rngs=None):
+    def apply(
+        self, variables, x, t, context=None, class_labels=None, train=False, *, control, rngs=None, guess_mode=False
+    ):
         params = variables["params"]
-        down, mid = self.residuals(params["controlnets"], x, t, context, class_labels, control, train, rngs)
+        down, mid = self.residuals(
+            params["controlnets"], x, t, context, class_labels, control, train, rngs, guess_mode=guess_mode
+        )
         return self.unet.apply(
             {"params": params["unet"]}, x, t, context, class_labels, train,
             down_block_additional_residuals=down, mid_block_additional_residual=mid, rngs=rngs,

@@ -197,6 +197,7 @@ def prepare_request(
     init_latents=None,
     control_image=None,
     controlnet_scale=1.0,
+    guess_mode: bool = False,
     **sampler_options,
 ) -> Request:
     """Validate the arguments of ``pipe(...)`` (:meth:`LatentDiffusionPipeline.__call__`) and
@@ -292,10 +293,16 @@ def prepare_request(
         inputs["x_T"] = x_T
 
     controlnets = getattr(pipe.unet, "controlnets", None)
+    if not isinstance(guess_mode, (bool, np.bool_)):
+        raise ValueError(f"guess_mode must be True or False, got {guess_mode!r}")
     if controlnets:
         inputs["control"] = control_inputs(controlnets, control_image, controlnet_scale, n, height, width)
+        # as diffusers: a global-pooling ControlNet (shuffle) always runs in guess mode
+        guess_mode = bool(guess_mode) or any(cn.global_pool_conditions for cn in controlnets)
     elif control_image is not None:
         raise ValueError("control_image given but the pipeline has no ControlNet (pipe.with_controlnets)")
+    elif guess_mode:
+        raise ValueError("guess_mode applies to ControlNets; this pipeline has none (pipe.with_controlnets)")
 
     use_cfg = pipe.conditioner.has_null and float(guidance_scale) != 1.0
     if negative_prompt is not None and not use_cfg:
@@ -332,6 +339,7 @@ def prepare_request(
         start_step=start_step,
         stop_step=stop_step,
         decode=output_type != "latent",
+        guess_mode=bool(guess_mode),
     )
     return Request(
         program, inputs, n, seed, float(guidance_scale), float(guidance_rescale), pad_batch_to, output_type,

@@ -137,8 +137,8 @@ def build_stage(config: Any, data_stats: Any, *, source: Any = None, run: Any = 
     if not section.base:
         raise ValueError("config.controlnet.base is empty: give the frozen base model folder")
     weighting = choice("config.controlnet.weighting", section.weighting, WEIGHTINGS)
-    base = ControlNetBase.from_folder(str(section.base), float(section.drop_prob))
     conv_impl = choice("config.controlnet.conv_impl", section.conv_impl, CONV_IMPL_NAMES)
+    base = ControlNetBase.from_folder(str(section.base), float(section.drop_prob))
     unet, fs, c = base.unet.clone(conv_impl=conv_impl), base.first_stage, base.conditioner
     source = build_dataset(config.data) if source is None else source
     channels = _control_channels(source)
