@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance_scale", type=float, default=7.5)
     p.add_argument("--guidance_rescale", type=float, default=0.0)
+    p.add_argument("--guidance_interval", type=float, nargs=2, default=None, metavar=("T_LOW", "T_HIGH"),
+                   help="guide only at timesteps in [T_LOW, T_HIGH] (the model's timestep units; "
+                   "guidance in a limited interval, Kynkaanniemi et al. 2024)")
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=int, default=None)
@@ -268,6 +271,8 @@ def _regenerate_command(args, kind: str, value, index: int) -> str:
     cmd += ["--num_samples", "1", "--start_index", str(index), "--seed", str(args.seed)]
     cmd += ["--sampler", args.sampler, "--steps", str(args.steps), "--eta", repr(args.eta)]
     cmd += ["--guidance_scale", repr(args.guidance_scale), "--guidance_rescale", repr(args.guidance_rescale)]
+    if args.guidance_interval is not None:
+        cmd += ["--guidance_interval", *map(repr, args.guidance_interval)]
     cmd += ["--height", str(args.height), "--width", str(args.width)]
     for flag in ("init_image", "mask", "low_res"):
         if getattr(args, flag) is not None:
@@ -411,6 +416,7 @@ def run(args) -> int:
             num_steps=args.steps,
             guidance_scale=args.guidance_scale,
             guidance_rescale=args.guidance_rescale,
+            guidance_interval=None if args.guidance_interval is None else tuple(args.guidance_interval),
             eta=args.eta,
             seed=args.seed,
             height=args.height,
@@ -456,6 +462,7 @@ def run(args) -> int:
                 "num_steps": args.steps,
                 "guidance_scale": args.guidance_scale,
                 "guidance_rescale": args.guidance_rescale,
+                "guidance_interval": args.guidance_interval,
                 "eta": args.eta,
                 "height": args.height,
                 "width": args.width,

@@ -119,6 +119,26 @@ def test_guided_channels_leave_learned_variance_channels_conditional():
     np.testing.assert_allclose(out[..., C:], np.tanh(xn), rtol=1e-5, atol=1e-6)
 
 
+def test_guidance_interval_guides_only_the_examples_whose_timestep_is_inside(setup):
+    """t = [5, 500, 900] with the interval [100, 500]: only the second example is guided (the
+    bounds are inclusive); the others get the float64 conditional output."""
+    s = setup
+    x64 = s["x"].astype(np.float64)
+    out_c, out_u = _model_np(s, x64, s["t"], s["cond"]), _model_np(s, x64, s["t"], s["uncond"])
+    want = out_c.copy()
+    want[1] = out_u[1] + 7.5 * (out_c[1] - out_u[1])
+    guided = cfg_model_fn(_model_jax(s, []), s["cond"], s["uncond"], 7.5, guidance_interval=(100, 500))
+    got = np.asarray(jax.jit(guided)(jnp.asarray(s["x"]), jnp.asarray(s["t"])))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # an interval holding every timestep is plain guidance, bit for bit
+    full = cfg_model_fn(_model_jax(s, []), s["cond"], s["uncond"], 7.5, guidance_interval=(0, 1000))
+    plain = cfg_model_fn(_model_jax(s, []), s["cond"], s["uncond"], 7.5)
+    np.testing.assert_array_equal(np.asarray(full(jnp.asarray(s["x"]), jnp.asarray(s["t"]))),
+                                  np.asarray(plain(jnp.asarray(s["x"]), jnp.asarray(s["t"]))))
+    with pytest.raises(ValueError, match=r"finite with t_low <= t_high, got \(600, 100\)"):
+        cfg_model_fn(_model_jax(s, []), s["cond"], s["uncond"], 7.5, guidance_interval=(600, 100))
+
+
 def test_null_class_labels_and_drop_conditioning():
     labels = jnp.array([0, 3, 9, 2])
     null = null_class_labels(labels, NUM_CLASSES)

@@ -156,6 +156,18 @@ def test_text_to_image_matches_diffusers_pipeline_ddim_cfg(sd):
         assert np.abs(ref[0] - ref[1]).max() > 1e-2  # the prompts matter, so the comparison is not vacuous
 
 
+def test_guidance_interval_reaches_the_sampler(sd):
+    """An interval no sampling timestep falls in leaves only the conditional model (the
+    guidance_scale=1 program, which runs no unconditional branch)."""
+    _, _, pipe = sd
+    kw = dict(num_steps=STEPS, seed=3, output_type="float")
+    guided = pipe(PROMPTS[:2], guidance_scale=7.5, **kw)
+    outside = pipe(PROMPTS[:2], guidance_scale=7.5, guidance_interval=(-2.0, -1.0), **kw)
+    conditional = pipe(PROMPTS[:2], guidance_scale=1.0, **kw)
+    np.testing.assert_allclose(outside, conditional, atol=2e-5)
+    assert np.abs(guided - conditional).max() > 1e-2
+
+
 def test_same_seed_bit_identical_across_batch_sizes_and_device_counts(sd):
     _, _, pipe = sd
     pipe8 = pipe.with_devices(jax.devices()[:8])
@@ -347,6 +359,9 @@ def test_saved_model_folder_round_trips_and_diffusers_loads_it(sd, tmp_path):
         (dict(prompts="x", init_image=np.full((SIZE, SIZE, 3), 2.0)), r"float init_image must lie in \[0, 1\]"),
         (dict(prompts="x", seed=-1), "seed must be an integer"),
         (dict(prompts="x", guidance_scale=1.0, negative_prompt="y"), "negative_prompt needs classifier-free"),
+        (dict(prompts="x", guidance_scale=1.0, guidance_interval=(0, 500)), "guidance_interval needs classifier-free"),
+        (dict(prompts="x", guidance_interval=(500, 0)), r"t_low <= t_high, got \(500, 0\)"),
+        (dict(prompts="x", guidance_interval=(0, 1, 2)), r"two numbers \(t_low, t_high\), got \(0, 1, 2\)"),
         (dict(prompts=["a", "b"], num_images=3), "prompts has 2 entries"),
         (dict(prompts="x", latents=np.zeros((1, 4, 4, 4))), r"latents shape \(1, 4, 4, 4\)"),
         (dict(prompts="x", inpaint_jumps=(2, 3)), "resampling applies to known-region inpainting"),

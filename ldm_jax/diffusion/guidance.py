@@ -13,10 +13,23 @@ pooled embeddings [B, D], class ids [B], or a dict of these (SDXL's added condit
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+
+
+def check_guidance_interval(value) -> tuple[float, float]:
+    """``(t_low, t_high)`` of :func:`cfg_model_fn`'s ``guidance_interval`` as two floats; a
+    one-line ValueError naming ``value`` unless it is two finite numbers with t_low <= t_high."""
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance_interval must be two numbers (t_low, t_high), got {value!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+        raise ValueError(f"guidance_interval must be finite with t_low <= t_high, got {value!r}")
+    return low, high
 
 
 def _per_example(value, ndim: int) -> jnp.ndarray:
@@ -95,6 +108,7 @@ def cfg_model_fn(
     guidance_rescale=0.0,
     *,
     guided_channels: int | None = None,
+    guidance_interval: tuple[float, float] | None = None,
 ) -> Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]:
     """Wrap ``model_fn(x_t, t, cond)`` into a classifier-free-guided ``guided(x_t, t)``.
 
@@ -112,11 +126,18 @@ def cfg_model_fn(
       guided_channels: guide only the first ``guided_channels`` channels of the last axis and
         take the rest from the conditional branch (the variance channels of a learned-variance
         model, as diffusers does for DiT / DeepFloyd IF). None guides everything.
+      guidance_interval: ``(t_low, t_high)``: guide only the examples whose timestep (in the
+        units ``model_fn`` receives) lies in ``[t_low, t_high]``; elsewhere the output is the
+        conditional branch's (guidance in a limited interval, Kynkaanniemi et al. 2024:
+        guidance at high noise levels mostly costs diversity, at low ones it does little).
+        None guides at every timestep.
 
     Returns: ``guided(x_t [B, ...], t [B] or scalar) -> [B, ...]``.
     """
     if guided_channels is not None and guided_channels < 1:
         raise ValueError(f"guided_channels must be a positive int or None, got {guided_channels!r}")
+    if guidance_interval is not None:
+        low, high = check_guidance_interval(guidance_interval)
 
     def guided(x_t: jnp.ndarray, t: jnp.ndarray) -> jnp.ndarray:
         batch = x_t.shape[0]
@@ -128,13 +149,18 @@ def cfg_model_fn(
         out = model_fn(jnp.concatenate([x_t, x_t], axis=0), jnp.concatenate([t, t], axis=0), both)
         out_cond, out_uncond = out[:batch], out[batch:]
         if guided_channels is None:
-            return apply_guidance(out_cond, out_uncond, guidance_scale, guidance_rescale)
-        if guided_channels > out_cond.shape[-1]:
-            raise ValueError(f"guided_channels {guided_channels} exceeds the {out_cond.shape[-1]} output channels")
-        head = apply_guidance(
-            out_cond[..., :guided_channels], out_uncond[..., :guided_channels], guidance_scale, guidance_rescale
-        )
-        return jnp.concatenate([head, out_cond[..., guided_channels:]], axis=-1)
+            guided_out = apply_guidance(out_cond, out_uncond, guidance_scale, guidance_rescale)
+        else:
+            if guided_channels > out_cond.shape[-1]:
+                raise ValueError(f"guided_channels {guided_channels} exceeds the {out_cond.shape[-1]} output channels")
+            head = apply_guidance(
+                out_cond[..., :guided_channels], out_uncond[..., :guided_channels], guidance_scale, guidance_rescale
+            )
+            guided_out = jnp.concatenate([head, out_cond[..., guided_channels:]], axis=-1)
+        if guidance_interval is None:
+            return guided_out
+        inside = (t >= low) & (t <= high)
+        return jnp.where(inside.reshape((batch,) + (1,) * (out_cond.ndim - 1)), guided_out, out_cond)
 
     return guided
 

@@ -27,6 +27,7 @@ def eval_defaults() -> ml_collections.ConfigDict:
             "sampler": "",
             "num_steps": 0,
             "guidance_scale": -1.0,
+            "guidance_interval": (),  # (t_low, t_high) as config.preview's; (): the preview's
             "features": "classifier",  # "classifier" (trained on the data's labels) | "inception"
             "classifier_cache_dir": "",  # "": $LDM_JAX_CACHE or ~/.cache/ldm_jax
             "classifier_test_split": "test",  # held-out split scoring the classifier itself

@@ -45,6 +45,7 @@ class Program:
       ``denoising_start`` / ``denoising_end``; mode "resume" continues ``inputs["init_latents"]``,
       a VP state at the level of ``start_step``; ``stop_step`` applies to text2img and img2img too).
     decode: decode the final latents (False: ``images`` is None, e.g. a base -> refiner hand-off).
+    guidance_interval: guide only at timesteps in ``[t_low, t_high]`` (``cfg_model_fn``).
     guess_mode: ControlNet guess mode (diffusers' ``guess_mode=True``): residuals ramped per
       block, and with guidance only the conditional branch is controlled.
     """
@@ -63,6 +64,7 @@ class Program:
     stop_step: int | None = None
     decode: bool = True
     guess_mode: bool = False
+    guidance_interval: tuple[float, float] | None = None
 
 
 def generate(
@@ -149,6 +151,7 @@ def generate(
             guidance_scale,
             guidance_rescale,
             guided_channels=latent_shape[-1] if learned_variance else None,
+            guidance_interval=program.guidance_interval,
         )
     else:
         model = lambda x, t: model_fn(x, t, cond)  # noqa: E731

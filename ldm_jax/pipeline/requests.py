@@ -11,6 +11,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 from ldm_jax.diffusion.editing import img2img_start_step
+from ldm_jax.diffusion.guidance import check_guidance_interval
 from ldm_jax.diffusion.samplers import SAMPLERS, resolve_sampler
 from ldm_jax.ldm.generation import Program
 from ldm_jax.pipeline.sdxl import SDXL_OPTIONS, sdxl_host_inputs
@@ -198,6 +199,7 @@ def prepare_request(
     control_image=None,
     controlnet_scale=1.0,
     guess_mode: bool = False,
+    guidance_interval: tuple[float, float] | None = None,
     **sampler_options,
 ) -> Request:
     """Validate the arguments of ``pipe(...)`` (:meth:`LatentDiffusionPipeline.__call__`) and
@@ -307,6 +309,10 @@ def prepare_request(
     use_cfg = pipe.conditioner.has_null and float(guidance_scale) != 1.0
     if negative_prompt is not None and not use_cfg:
         raise ValueError("negative_prompt needs classifier-free guidance (guidance_scale != 1)")
+    if guidance_interval is not None:
+        guidance_interval = check_guidance_interval(guidance_interval)
+        if not use_cfg:
+            raise ValueError("guidance_interval needs classifier-free guidance (guidance_scale != 1)")
     negatives = _as_list(negative_prompt, "negative_prompt") if use_cfg else None
     negatives = None if negatives is None else _broadcast(negatives, n, "negative_prompt")
     if pipe.conditioner.kind == "sdxl":
@@ -340,6 +346,7 @@ def prepare_request(
         stop_step=stop_step,
         decode=output_type != "latent",
         guess_mode=bool(guess_mode),
+        guidance_interval=guidance_interval,
     )
     return Request(
         program, inputs, n, seed, float(guidance_scale), float(guidance_rescale), pad_batch_to, output_type,

@@ -67,6 +67,7 @@ def _generation_settings(settings, preview) -> ml_collections.ConfigDict:
         "num_steps": int(settings.num_steps) or int(preview.get("num_steps", 50)),
         "guidance_scale": float(settings.guidance_scale) if float(settings.guidance_scale) >= 0
         else float(preview.get("guidance_scale", 1.0)),
+        "guidance_interval": tuple(settings.guidance_interval) or tuple(preview.get("guidance_interval", ())),
         "num_images": 0,
     })
 

@@ -61,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.data import DataLoader, build_dataset
+from ldm_jax.diffusion.guidance import check_guidance_interval
 from ldm_jax.diffusion.samplers import resolve_sampler
 from ldm_jax.ldm.conditioning import NEEDS_CAPTIONS
 from ldm_jax.ldm.generation import Program, generate
@@ -130,6 +131,7 @@ def make_preview_fn(
     model's params (fine-tuning: a LoRA merged into the frozen base weights)."""
     guidance = float(preview.guidance_scale)
     use_cfg = model.conditioner.has_null and uncond is not None and guidance != 1.0
+    interval = tuple(preview.get("guidance_interval", ()) or ())
     program = Program(
         mode="text2img",
         latent_shape=model.latent_shape,
@@ -137,6 +139,7 @@ def make_preview_fn(
         num_steps=int(preview.num_steps),
         options=(("prediction", model.prediction),),
         use_cfg=use_cfg,
+        guidance_interval=check_guidance_interval(interval) if interval and use_cfg else None,
     )
 
     @functools.partial(jax.jit, out_shardings=out_sharding)
@@ -187,7 +190,7 @@ def make_sample_fn(model: DiffusionModel, frozen_placed: Any, run: Any):
     of the given classes (None: unconditional, ``N = settings.num_images``) through the same
     generation program as the previews (:func:`make_preview_fn`), the batch split over the
     mesh's data axes (``N`` a multiple of their size). ``settings``: ``sampler``, ``num_steps``,
-    ``guidance_scale`` (the preview's keys). Programs are compiled once per (settings, N).
+    ``guidance_scale``, optionally ``guidance_interval`` (the preview's keys). Programs are compiled once per (settings, N).
     Used by the evaluation hook (``ldm_jax.training.eval_hook``)."""
     compiled: dict = {}
     c = model.conditioner
@@ -198,7 +201,10 @@ def make_sample_fn(model: DiffusionModel, frozen_placed: Any, run: Any):
         if labels is None and c.kind != "none":
             raise ValueError(f"the model's conditioning is {c.kind!r}: evaluation samples need labels (class models only)")
         n = int(settings.num_images) if labels is None else len(labels)
-        cache_key = (str(settings.sampler), int(settings.num_steps), float(settings.guidance_scale), n)
+        cache_key = (
+            str(settings.sampler), int(settings.num_steps), float(settings.guidance_scale),
+            tuple(settings.get("guidance_interval", ()) or ()), n,
+        )
         if cache_key not in compiled:
             cond, uncond = {}, None
             if labels is not None:

@@ -60,6 +60,8 @@ def diffusion_preview_defaults() -> ml_collections.ConfigDict:
             "sampler": "ddim",
             "num_steps": 50,
             "guidance_scale": 3.0,
+            # (t_low, t_high): guide only at those timesteps (ldm_jax.diffusion.guidance); (): all
+            "guidance_interval": (),
         }
     )
 
