@@ -159,6 +159,7 @@ def test_eval_hook_logs_metrics_and_keeps_the_best_checkpoint(tmp_path, caplog):
     ({"best_metric": "loss"}, "config.eval.best_metric"),
     ({"features": "inception"}, "inception_path"),
     ({"num_samples": 1}, "num_samples"),
+    ({"guidance_interval": (600.0, 100.0)}, r"config.eval.guidance_interval must be finite with t_low <= t_high"),
 ])
 def test_bad_eval_settings_fail_with_one_line(override, message):
     from configs import digits_ldm

@@ -34,6 +34,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from ldm_jax.diffusion.guidance import check_guidance_interval
 from ldm_jax.evaluation.settings import FEATURE_NETWORKS, METRIC_MODES, eval_defaults
 from ldm_jax.ldm.sections import merge_section
 from ldm_jax.training import mesh as mesh_lib
@@ -56,6 +57,11 @@ def eval_settings(config: Any) -> ml_collections.ConfigDict:
         raise ValueError(f"config.eval.best_metric must be one of {sorted(METRIC_MODES)} or '', got {settings.best_metric!r}")
     if settings.best_mode not in ("", "min", "max"):
         raise ValueError(f"config.eval.best_mode must be 'min', 'max' or '', got {settings.best_mode!r}")
+    if settings.guidance_interval:
+        try:
+            check_guidance_interval(settings.guidance_interval)
+        except ValueError as error:
+            raise ValueError(f"config.eval.{error}") from None
     if settings.features == "inception" and not settings.inception_path:
         raise ValueError("config.eval.features='inception' needs config.eval.inception_path (FID Inception weights)")
     return settings

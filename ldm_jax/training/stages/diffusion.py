@@ -190,8 +190,8 @@ def make_sample_fn(model: DiffusionModel, frozen_placed: Any, run: Any):
     of the given classes (None: unconditional, ``N = settings.num_images``) through the same
     generation program as the previews (:func:`make_preview_fn`), the batch split over the
     mesh's data axes (``N`` a multiple of their size). ``settings``: ``sampler``, ``num_steps``,
-    ``guidance_scale``, optionally ``guidance_interval`` (the preview's keys). Programs are compiled once per (settings, N).
-    Used by the evaluation hook (``ldm_jax.training.eval_hook``)."""
+    ``guidance_scale``, optionally ``guidance_interval`` (the preview's keys). Programs are
+    compiled once per (settings, N). Used by the evaluation hook (``ldm_jax.training.eval_hook``)."""
     compiled: dict = {}
     c = model.conditioner
 
