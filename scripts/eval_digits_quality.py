@@ -30,6 +30,8 @@ def main():
     p.add_argument("--model", action="append", required=True, help="FOLDER:SAMPLER:STEPS")
     p.add_argument("--per_class", type=int, default=50)
     p.add_argument("--guidance_scale", type=float, default=3.0)
+    p.add_argument("--guidance_interval", type=float, nargs=2, default=None, metavar=("T_LOW", "T_HIGH"),
+                   help="guide only at timesteps in [T_LOW, T_HIGH] (default: every step)")
     p.add_argument("--batch_size", type=int, default=100)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -56,6 +58,7 @@ def main():
             chunk = labels[i : i + args.batch_size].tolist()
             images.append(pipe(class_labels=chunk, sampler=sampler, num_steps=int(steps),
                                guidance_scale=args.guidance_scale, seed=args.seed,
+                               guidance_interval=None if args.guidance_interval is None else tuple(args.guidance_interval),
                                image_indices=list(range(i, i + len(chunk)))))
         images = np.concatenate(images)
         cpu = time.process_time() - start
@@ -76,7 +79,8 @@ def main():
                        denoiser=type(pipe.unet).__name__, objective=pipe.objective)
         results[folder] = metrics
         print(folder, json.dumps(metrics), flush=True)
-    results["_meta"] = {"per_class": args.per_class, "guidance_scale": args.guidance_scale, "seed": args.seed,
+    results["_meta"] = {"per_class": args.per_class, "guidance_scale": args.guidance_scale,
+                        "guidance_interval": args.guidance_interval, "seed": args.seed,
                         "loadavg_1min": os.getloadavg()[0],
                         "cpu_s_total": resource.getrusage(resource.RUSAGE_SELF).ru_utime}
     if args.out:
