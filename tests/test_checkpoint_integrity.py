@@ -286,3 +286,28 @@ def test_latest_intact_metadata_skips_a_damaged_newest_without_reading_arrays(ca
     with Checkpointer(run_dir) as checkpointer:
         assert checkpointer.latest_intact_metadata() == (PREVIOUS, {"step": PREVIOUS, "data_position": PREVIOUS * 10})
         assert checkpointer.all_steps() == list(STEPS)  # nothing moved by a read
+
+
+def test_stacked_fingerprints_equal_the_numpy_reference_leaf_by_leaf(mesh, monkeypatch):
+    """The manifest program stacks leaves of one shape, dtype and sharding (to compile once per
+    stack, not once per leaf); every leaf's fingerprint and finiteness must still be its own:
+    stacks of sharded and replicated leaves, a stack split by the byte bound, a leaf alone, a
+    NaN in the middle of a stack, a typed PRNG key."""
+    monkeypatch.setattr(integrity, "GROUP_BYTES", 3 * 64 * 64 * 4)  # three (64, 64) float32 per stack
+    rng = np.random.default_rng(5)
+    fsdp, replicated = NamedSharding(mesh, PS("fsdp")), NamedSharding(mesh, PS())
+    hosts = [rng.standard_normal((64, 64)).astype(np.float32) for _ in range(7)]
+    hosts[4][10, 3] = np.nan
+    hosts += [rng.standard_normal(64).astype(np.float32) for _ in range(3)] + [np.arange(5, dtype=np.int32)]
+    shardings = [fsdp] * 5 + [replicated] * 2 + [replicated] * 3 + [replicated]
+    tree = {f"x{i}": jax.device_put(h, s) for i, (h, s) in enumerate(zip(hosts, shardings))}
+    tree["key"] = jax.random.key(3)
+    groups = integrity._groups(jax.tree.leaves(tree))
+    assert sorted(len(g) for g in groups) == [1, 1, 2, 2, 3, 3], groups  # key, int, 2+2 (64,64), 3+3
+    summary, _, _ = integrity.summarize(tree)
+    for i, host in enumerate(hosts):
+        assert summary[f"['x{i}']"]["fp"] == integrity.numpy_fingerprint(host), i
+    assert summary["['key']"]["fp"] == integrity.numpy_fingerprint(np.asarray(jax.random.key_data(tree["key"])))
+    prints, finite = integrity._fingerprints_and_finite(jax.tree.leaves(tree))
+    names = integrity.leaf_names(tree)
+    assert [n for n, f in zip(names, finite) if not f] == ["['x4']"]

@@ -130,13 +130,46 @@ def test_guidance_interval_guides_only_the_examples_whose_timestep_is_inside(set
     guided = cfg_model_fn(_model_jax(s, []), s["cond"], s["uncond"], 7.5, guidance_interval=(100, 500))
     got = np.asarray(jax.jit(guided)(jnp.asarray(s["x"]), jnp.asarray(s["t"])))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    # an interval holding every timestep is plain guidance, bit for bit
+    # an interval holding every timestep is plain guidance, bit for bit (both compiled: eager
+    # op-by-op execution rounds differently from the compiled lax.cond branch)
     full = cfg_model_fn(_model_jax(s, []), s["cond"], s["uncond"], 7.5, guidance_interval=(0, 1000))
     plain = cfg_model_fn(_model_jax(s, []), s["cond"], s["uncond"], 7.5)
-    np.testing.assert_array_equal(np.asarray(full(jnp.asarray(s["x"]), jnp.asarray(s["t"]))),
-                                  np.asarray(plain(jnp.asarray(s["x"]), jnp.asarray(s["t"]))))
+    np.testing.assert_array_equal(np.asarray(jax.jit(full)(jnp.asarray(s["x"]), jnp.asarray(s["t"]))),
+                                  np.asarray(jax.jit(plain)(jnp.asarray(s["x"]), jnp.asarray(s["t"]))))
     with pytest.raises(ValueError, match=r"finite with t_low <= t_high, got \(600, 100\)"):
         cfg_model_fn(_model_jax(s, []), s["cond"], s["uncond"], 7.5, guidance_interval=(600, 100))
+
+
+def test_guidance_interval_outside_runs_only_the_conditional_branch(setup):
+    """A step with no example inside the interval costs one model call on B, not 2B (checked at
+    run time with a host callback: lax.cond executes one branch), and returns the float64
+    conditional output; a step with one example inside still makes the 2B call."""
+    s = setup
+    proj, class_emb = jnp.asarray(s["proj"]), jnp.asarray(s["class_emb"])
+    executed = []
+
+    def model_fn(x, t, cond):
+        jax.debug.callback(lambda n: executed.append(int(n)), x.shape[0])
+        text = jnp.tanh(cond["text"].mean(axis=1) @ proj)
+        return jnp.sin(x) * (1 + t[:, None, None, None] / 1000) + (text + class_emb[cond["label"]])[:, None, None, :]
+
+    guided = jax.jit(cfg_model_fn(model_fn, s["cond"], s["uncond"], 7.5, guidance_interval=(600, 800)))
+    x = jnp.asarray(s["x"])
+    t_outside = np.array([5, 500, 900], np.int32)
+    got = np.asarray(guided(x, jnp.asarray(t_outside)))
+    jax.effects_barrier()
+    assert executed == [B]
+    np.testing.assert_allclose(got, _model_np(s, s["x"].astype(np.float64), t_outside, s["cond"]), rtol=1e-5, atol=1e-5)
+    executed.clear()
+    t_one_inside = np.array([5, 700, 900], np.int32)
+    got = np.asarray(guided(x, jnp.asarray(t_one_inside)))
+    jax.effects_barrier()
+    assert executed == [2 * B]
+    x64 = s["x"].astype(np.float64)
+    want = _model_np(s, x64, t_one_inside, s["cond"])
+    out_u = _model_np(s, x64, t_one_inside, s["uncond"])
+    want[1] = out_u[1] + 7.5 * (want[1] - out_u[1])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_null_class_labels_and_drop_conditioning():

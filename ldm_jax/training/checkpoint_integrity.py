@@ -26,6 +26,7 @@ truncated or overwritten file), not a defence against someone forging a checkpoi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from typing import Any, Mapping
@@ -95,9 +96,59 @@ def _leaf_finite(x: jax.Array) -> jax.Array:
     return jnp.asarray(True)
 
 
-@jax.jit
-def _fingerprints_and_finite(leaves: list[jax.Array]) -> tuple[list[jax.Array], list[jax.Array]]:
-    return [_leaf_fingerprint(x) for x in leaves], [_leaf_finite(x) for x in leaves]
+# Leaves of one shape, dtype and sharding are stacked (up to this many bytes a stack) and
+# fingerprinted by one vmapped subgraph: the compile time of the manifest program grows with the
+# number of subgraphs (~15 ms each on CPU: 7 s at the first save of a 480-leaf state, one
+# subgraph per leaf), and params, EMA and both Adam moments always share their shapes. The bound
+# keeps the stacks' transient copies small; larger leaves get a subgraph each, as before.
+GROUP_BYTES = 32 * 2**20
+
+
+def _groups(leaves: list) -> list[list[int]]:
+    """Leaf indices in stacks of equal (shape, dtype, sharding), each <= GROUP_BYTES (a leaf
+    larger than that alone)."""
+    open_groups: dict[Any, list[int]] = {}
+    groups: list[list[int]] = []
+    for i, x in enumerate(leaves):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            groups.append([i])  # typed PRNG keys: few, and not worth stacking
+            continue
+        key = (tuple(np.shape(x)), str(x.dtype), getattr(x, "sharding", None))
+        nbytes = int(np.prod(np.shape(x), dtype=np.int64)) * np.dtype(x.dtype).itemsize
+        group = open_groups.get(key)
+        if group is None or (len(group) + 1) * nbytes > GROUP_BYTES:
+            group = open_groups[key] = []
+            groups.append(group)
+        group.append(i)
+    return groups
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _grouped_fingerprints_and_finite(leaves: list[jax.Array], groups: tuple[tuple[int, ...], ...]):
+    """Per group: fingerprints [n, 2] and finiteness [n] of its members (one output pair per
+    group: hundreds of small outputs would cost compile time of their own)."""
+
+    def one(x):
+        return _leaf_fingerprint(x), _leaf_finite(x)
+
+    out = []
+    for group in groups:
+        # uint32 sums wrap modulo 2**32, so a member's fingerprint is the same bits as alone
+        stack = jnp.stack([leaves[i] for i in group])
+        out.append(jax.vmap(one)(stack))
+    return out
+
+
+def _fingerprints_and_finite(leaves: list) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Fingerprints (uint32 [2]) and finiteness of every leaf, on the host."""
+    groups = tuple(tuple(g) for g in _groups(leaves))
+    out = jax.device_get(_grouped_fingerprints_and_finite(list(leaves), groups))
+    prints: list = [None] * len(leaves)
+    finite: list = [None] * len(leaves)
+    for group, (group_prints, group_finite) in zip(groups, out):
+        for j, i in enumerate(group):
+            prints[i], finite[i] = group_prints[j], group_finite[j]
+    return prints, finite
 
 
 def numpy_fingerprint(x: np.ndarray) -> str:
