@@ -197,7 +197,7 @@ def summarize(tree: Any) -> tuple[dict[str, dict], dict[str, bool], str | None]:
     values in a multi-process run."""
     names = leaf_names(tree)
     leaves = jax.tree.leaves(tree)
-    prints, finite = jax.device_get(_fingerprints_and_finite(leaves))
+    prints, finite = _fingerprints_and_finite(leaves)  # already on the host
     summary = {
         name: {"shape": list(np.shape(x)), "dtype": str(x.dtype), "fp": f"{int(p[0]):08x}{int(p[1]):08x}"}
         for name, x, p in zip(names, leaves, prints)
