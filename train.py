@@ -131,7 +131,7 @@ def _run(config, workdir, extra_hooks, guard, stack):
             hooks.append(Hook(preview_every, write_preview, at_end=True))
         from ldm_jax.training.eval_hook import build_eval_hook
 
-        eval_hook = build_eval_hook(resolved, stage, workdir, run_context, logger.write_scalars)  # config.eval
+        eval_hook = build_eval_hook(resolved, stage, workdir, run_context, logger.write_scalars, logger.write_grid)  # config.eval
         if eval_hook is not None:
             hooks.append(eval_hook)
         hooks.extend(extra_hooks)

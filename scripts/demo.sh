@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make demo`: train the digits autoencoder, then the class-conditional latent diffusion model
-# on it, on this machine's CPU, and write a grid of samples (one row per digit, 0 to 9) to
-# <workdir>/demo_grid.png and docs/demo_grid.png, and its evaluation curve to
+# on it, on this machine's CPU, and write a grid of samples (one row per digit, 0 to 9: the
+# final in-loop evaluation's samples, or the last preview when the config has no evaluation
+# grid) to <workdir>/demo_grid.png and docs/demo_grid.png, and its evaluation curve to
 # docs/demo_eval_curve.png (scripts/plot_eval_curve.py). Re-running resumes/skips finished stages;
 # delete the workdir to start over.
 set -euo pipefail
@@ -25,7 +26,10 @@ echo "== 2/2 latent diffusion (configs/digits_ldm.py) -> $WORKDIR/ldm"
     --config.first_stage.workdir="$WORKDIR/autoencoder"
 ldm_done=$(date +%s)
 
-grid=$(ls "$WORKDIR"/ldm/samples/samples_*.png | sort | tail -n 1)
+grid=$(ls "$WORKDIR"/ldm/samples/eval_*.png 2>/dev/null | sort | tail -n 1 || true)
+if [ -z "$grid" ]; then
+    grid=$(ls "$WORKDIR"/ldm/samples/samples_*.png | sort | tail -n 1)
+fi
 cp "$grid" "$WORKDIR/demo_grid.png"
 mkdir -p docs
 cp "$grid" docs/demo_grid.png

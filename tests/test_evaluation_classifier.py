@@ -133,6 +133,7 @@ def test_eval_hook_logs_metrics_and_keeps_the_best_checkpoint(tmp_path, caplog):
     c.preview.every_steps = -1
     c.eval.every_steps = 2
     c.eval.classifier_cache_dir = str(tmp_path / "cache")
+    c.eval.grid_columns, c.eval.grid_rows = 2, 3  # 16 samples: classes 0-2 have 2 each
     workdir = tmp_path / "ldm"
     with caplog.at_level(logging.INFO):
         train_cli.run(c, str(workdir))
@@ -152,6 +153,12 @@ def test_eval_hook_logs_metrics_and_keeps_the_best_checkpoint(tmp_path, caplog):
     steps = [d for d in os.listdir(workdir / eval_hook.BEST_DIR) if d.isdigit()]
     assert steps == [str(best_step)]
     assert eval_hook._stored_best(str(workdir / eval_hook.BEST_DIR), "fd") == pytest.approx(best_fd)
+    from PIL import Image
+
+    # 3 rows x 2 columns of 16-pixel samples with 2-pixel padding (56 x 38), saved at 4x
+    for step in (2, 4):
+        with Image.open(workdir / "samples" / f"eval_{step:07d}.png") as grid:
+            assert grid.size == (38 * 4, 56 * 4)
 
 
 @pytest.mark.parametrize("override, message", [

@@ -37,6 +37,10 @@ def eval_defaults() -> ml_collections.ConfigDict:
             "num_reference": 0,  # inception reference images from config.data (0: all)
             "best_metric": "fd",  # keep <workdir>/best_checkpoint by this metric; "": no best checkpoint
             "best_mode": "",  # "min" | "max"; "": the metric's natural direction (METRIC_MODES)
+            # <workdir>/samples/eval_<step>.png: the scored samples themselves, one row per class
+            # (its first grid_columns samples; unconditional models: the first rows x columns)
+            "grid_columns": 0,  # 0: no grid
+            "grid_rows": 10,
         }
     )
 

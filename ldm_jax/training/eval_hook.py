@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 BEST_DIR = "best_checkpoint"
 METRICS_FILE = "eval_metrics.jsonl"
+GRID_TAG = "eval"  # samples/eval_<step>.png
 
 
 def eval_settings(config: Any) -> ml_collections.ConfigDict:
@@ -62,6 +63,9 @@ def eval_settings(config: Any) -> ml_collections.ConfigDict:
             check_guidance_interval(settings.guidance_interval)
         except ValueError as error:
             raise ValueError(f"config.eval.{error}") from None
+    if int(settings.grid_columns) < 0 or (int(settings.grid_columns) > 0 and int(settings.grid_rows) <= 0):
+        raise ValueError(f"config.eval.grid_columns must be >= 0 and grid_rows > 0 with a grid, "
+                         f"got grid_columns={settings.grid_columns} grid_rows={settings.grid_rows}")
     if settings.features == "inception" and not settings.inception_path:
         raise ValueError("config.eval.features='inception' needs config.eval.inception_path (FID Inception weights)")
     return settings
@@ -146,11 +150,14 @@ class _ArrayImages:
 
 
 def build_eval_hook(config: Any, stage: Any, workdir: str, run: Any,
-                    write_scalars: Callable[[int, dict], None] | None = None) -> Hook | None:
+                    write_scalars: Callable[[int, dict], None] | None = None,
+                    write_grid: Callable[..., Any] | None = None) -> Hook | None:
     """The loop :class:`~ldm_jax.training.loop.Hook` of ``config.eval``, or None when it is off
     (``every_steps <= 0``). ``write_scalars(step, {name: value})``: TensorBoard
-    (``RunLogger.write_scalars``). The feature network and the reference statistics are made
-    here, before training starts."""
+    (``RunLogger.write_scalars``). ``write_grid(step, images, tag, columns)``
+    (``RunLogger.write_grid``): with ``eval.grid_columns > 0`` the scored samples are also saved
+    as ``samples/eval_<step>.png`` (:func:`eval_grid`). The feature network and the reference
+    statistics are made here, before training starts."""
     settings = eval_settings(config)
     every = int(settings.every_steps)
     if every <= 0:
@@ -194,6 +201,11 @@ def build_eval_hook(config: Any, stage: Any, workdir: str, run: Any,
             if write_scalars is not None:
                 write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
             _append_jsonl(os.path.join(workdir, METRICS_FILE), {"step": int(step), **metrics})
+            if write_grid is not None and int(settings.grid_columns) > 0:
+                grid, width = eval_grid(images, labels, int(settings.grid_rows), int(settings.grid_columns))
+                path = write_grid(step, grid, GRID_TAG, width)
+                if path:
+                    log.info("eval step %d: samples grid %s", step, path)
         if metric:
             if metric not in metrics:
                 raise ValueError(f"config.eval.best_metric {metric!r} is not among the metrics {sorted(metrics)}")
@@ -206,6 +218,21 @@ def build_eval_hook(config: Any, stage: Any, workdir: str, run: Any,
                 log.info("eval step %d: new best %s=%.5g kept in %s", step, metric, value, best_dir)
 
     return Hook(every, evaluate, at_end=bool(settings.at_end))
+
+
+def eval_grid(images: np.ndarray, labels: np.ndarray | None, rows: int, columns: int) -> tuple[np.ndarray, int]:
+    """``(grid images, width)``: the images of a grid ``width`` wide, row-major, taken from the
+    evaluation's samples: row ``y`` holds the first samples of class ``y`` (class models;
+    classes 0..rows-1 that have samples), or the first ``rows * columns`` samples (``labels``
+    None). ``width`` is ``columns``, or the smallest count of a row's class when that is less
+    (so the grid stays full)."""
+    images = np.asarray(images)
+    if labels is None:
+        return images[: rows * columns], columns
+    labels = np.asarray(labels)
+    per_class = [idx for idx in (np.flatnonzero(labels == y) for y in range(rows)) if len(idx)]
+    width = min(columns, min(len(idx) for idx in per_class))
+    return images[np.concatenate([idx[:width] for idx in per_class])], width
 
 
 def _append_jsonl(path: str, record: dict) -> None:
