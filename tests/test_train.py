@@ -219,6 +219,36 @@ def test_frozen_first_stage_is_an_argument_not_a_compiled_constant(digits_runs):
     assert stage.metadata["scale_factor"] == wd.read_metadata(ldm_dir)["scale_factor"]
 
 
+def test_evaluation_samples_are_the_same_set_whatever_the_batch(digits_runs):
+    """The evaluation hook draws its samples in batches (config.eval.batch_size) with noise
+    streams offset by the batch's start: 16 images in one call equal two calls of 8 at offsets
+    0 and 8 (the truth: the same program per image, independent of its batch-mates)."""
+    import ml_collections
+
+    from ldm_jax.data import build_dataset, dataset_stats
+    from ldm_jax.training.stages import diffusion
+
+    ae_dir, ldm_dir, result = digits_runs
+    config = _ldm_config(ae_dir)
+    config.first_stage.cache_latents = False
+    config.workdir = str(ldm_dir)
+    source = build_dataset(config.data)
+    stage = diffusion.build_stage(config, dataset_stats(source), source=source)
+    settings = ml_collections.ConfigDict({"sampler": "ddpm", "num_steps": 3, "guidance_scale": 2.0,
+                                          "guidance_interval": (), "num_images": 0})
+    labels = np.arange(16, dtype=np.int32) % 10
+    key = jax.random.PRNGKey(7)
+    params = result.state.ema_params
+    whole = stage.sample(params, labels, key, settings).astype(np.int16)
+    halves = np.concatenate([stage.sample(params, labels[:8], key, settings, offset=0),
+                             stage.sample(params, labels[8:], key, settings, offset=8)]).astype(np.int16)
+    assert whole.shape == (16, 16, 16, 1)
+    assert np.abs(whole - halves).max() <= 1  # uint8 rounding of batch-dependent float sums
+    # the offset is what moves the noise: the second half drawn at offset 0 is other images
+    unshifted = stage.sample(params, labels[8:], key, settings, offset=0).astype(np.int16)
+    assert np.abs(unshifted - whole[8:]).mean() > 5
+
+
 def test_resume_after_preemption_reproduces_the_uninterrupted_run(digits_runs, tmp_path):
     ae_dir, reference_dir, _ = digits_runs
     config = _ldm_config(ae_dir)

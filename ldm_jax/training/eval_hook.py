@@ -183,13 +183,17 @@ def build_eval_hook(config: Any, stage: Any, workdir: str, run: Any,
     best = {"value": _stored_best(best_dir, metric)}
     key = jax.random.PRNGKey(int(settings.seed))
 
+    # Sample i is noise stream i of one key whatever the batch: eval.batch_size (memory) changes
+    # neither the samples nor the metrics; one batch of all K is what earlier versions drew.
+    sample_key = jax.random.fold_in(key, 0)
+
     def sample_all(params):
         chunks = []
         for start in range(0, num, batch):
             chunk_labels = None
             if labels is not None:
                 chunk_labels = np.resize(labels[start : start + batch], batch)  # the last chunk padded
-            images = stage.sample(params, chunk_labels, jax.random.fold_in(key, start // batch), gen)
+            images = stage.sample(params, chunk_labels, sample_key, gen, offset=start)
             chunks.append(images[: min(batch, num - start)])
         return np.concatenate(chunks)
 

@@ -128,7 +128,9 @@ def make_preview_fn(
     ``batch_sharding``: split the images over devices (conditions placed with it); the returned
     function then also takes ``cond`` (same structure as the one given) as a third argument.
     ``compose(params, frozen) -> params``: inside the program, turns the trained tree into the
-    model's params (fine-tuning: a LoRA merged into the frozen base weights)."""
+    model's params (fine-tuning: a LoRA merged into the frozen base weights). ``offset`` (an
+    argument of the returned function, traced): the images are streams ``offset .. offset+N-1``
+    of ``key``, so a large set drawn in batches is the same set whatever the batch size."""
     guidance = float(preview.guidance_scale)
     use_cfg = model.conditioner.has_null and uncond is not None and guidance != 1.0
     interval = tuple(preview.get("guidance_interval", ()) or ())
@@ -143,7 +145,7 @@ def make_preview_fn(
     )
 
     @functools.partial(jax.jit, out_shardings=out_sharding)
-    def run(params, frozen, cond, uncond, key):
+    def run(params, frozen, cond, uncond, key, offset):
         if compose is not None:
             params = compose(params, frozen)
         generation_params = {
@@ -151,7 +153,7 @@ def make_preview_fn(
             "first_stage": frozen["first_stage"],
             "conditioner": model.conditioner_params(params, frozen),
         }
-        index = jnp.arange(n)
+        index = offset + jnp.arange(n)
         if batch_sharding is not None:
             index = jax.lax.with_sharding_constraint(index, batch_sharding)
         inputs = {"index": index, "cond": cond}
@@ -173,9 +175,9 @@ def make_preview_fn(
     cond_j = jax.tree.map(place, cond)
     uncond_j = None if uncond is None else jax.tree.map(place, uncond)
 
-    def preview_fn(params, key, cond=None):
+    def preview_fn(params, key, cond=None, offset=0):
         given = cond_j if cond is None else jax.tree.map(place, cond)
-        images = run(params, frozen_placed, given, uncond_j, key)
+        images = run(params, frozen_placed, given, uncond_j, key, jnp.int32(offset))
         if jax.process_count() > 1 and batch_sharding is not None:
             from jax.experimental import multihost_utils
 
@@ -190,12 +192,13 @@ def make_sample_fn(model: DiffusionModel, frozen_placed: Any, run: Any):
     of the given classes (None: unconditional, ``N = settings.num_images``) through the same
     generation program as the previews (:func:`make_preview_fn`), the batch split over the
     mesh's data axes (``N`` a multiple of their size). ``settings``: ``sampler``, ``num_steps``,
-    ``guidance_scale``, optionally ``guidance_interval`` (the preview's keys). Programs are
-    compiled once per (settings, N). Used by the evaluation hook (``ldm_jax.training.eval_hook``)."""
+    ``guidance_scale``, optionally ``guidance_interval`` (the preview's keys). Image ``i`` is
+    noise stream ``offset + i`` of ``key``. Programs are compiled once per (settings, N). Used by
+    the evaluation hook (``ldm_jax.training.eval_hook``)."""
     compiled: dict = {}
     c = model.conditioner
 
-    def sample(params, labels, key, settings):
+    def sample(params, labels, key, settings, offset=0):
         if labels is not None and c.kind != "class":
             raise ValueError(f"labels given but the model's conditioning is {c.kind!r}")
         if labels is None and c.kind != "none":
@@ -213,7 +216,7 @@ def make_sample_fn(model: DiffusionModel, frozen_placed: Any, run: Any):
                                  batch_sharding=run.batch_sharding)
             compiled[cache_key] = fn
         cond = {} if labels is None else c.host_inputs(np.asarray(labels, np.int32))
-        return compiled[cache_key](params, key, cond)
+        return compiled[cache_key](params, key, cond, offset)
 
     return sample
 
