@@ -382,6 +382,12 @@ def test_example_configs_build_their_models(name, arg):
         (lambda c: c.mesh.update(shape={"data": 16}), "needs 16 devices but only 8"),
         (lambda c: c.update(stage="difusion"), "unknown config.stage 'difusion'"),
         (lambda c: c.conditioning.update(kind="txt"), "unknown config.conditioning.kind 'txt'"),
+        (lambda c: c.preview.update(guidance_interval=(700.0, 200.0)),
+         "config.preview.guidance_interval must be finite with t_low <= t_high"),
+        (lambda c: (c.conditioning.update(kind="none"), c.preview.update(guidance_interval=(300.0, 999.0))),
+         "config.preview.guidance_interval=(300.0, 999.0) needs classifier-free guidance"),
+        (lambda c: (c.conditioning.update(kind="none"), c.eval.update(every_steps=2, guidance_interval=(300.0, 999.0))),
+         "config.eval.guidance_interval=(300.0, 999.0) needs classifier-free guidance"),
     ],
 )
 def test_bad_config_fails_at_start_up_with_one_line(tmp_path, override, message):

@@ -169,6 +169,9 @@ def build_eval_hook(config: Any, stage: Any, workdir: str, run: Any,
     kind = getattr(conditioner, "kind", "none")
     if kind not in ("class", "none"):
         raise ValueError(f"config.eval supports class-conditional and unconditional models, not conditioning {kind!r}")
+    if settings.guidance_interval and not getattr(conditioner, "has_null", False):
+        raise ValueError(f"config.eval.guidance_interval={tuple(settings.guidance_interval)} needs classifier-free "
+                         f"guidance, but the model's conditioning {kind!r} has no null condition to guide against")
     num = int(settings.num_samples)
     data_size = mesh_lib.data_parallel_size(run.mesh)
     batch = int(settings.batch_size) or num

@@ -187,6 +187,23 @@ def make_preview_fn(
     return preview_fn
 
 
+def check_guidance_setting(interval: Any, conditioner: Any, where: str) -> None:
+    """Refuse, in one line, a ``guidance_interval`` (set, i.e. not ``()``) that is malformed or
+    that a model without a null condition could never apply: silently sampling unguided would
+    make the setting look effective. (``guidance_scale`` itself defaults to 3 for every model
+    and is ignored by unconditional ones, so only the explicit interval is refused.)"""
+    interval = tuple(interval or ())
+    if not interval:
+        return
+    try:
+        check_guidance_interval(interval)
+    except ValueError as error:
+        raise ValueError(f"{where}.{error}") from None
+    if not conditioner.has_null:
+        raise ValueError(f"{where}.guidance_interval={interval} needs classifier-free guidance, but the model's "
+                         f"conditioning {conditioner.kind!r} has no null condition to guide against")
+
+
 def make_sample_fn(model: DiffusionModel, frozen_placed: Any, run: Any):
     """``sample(ema_params, labels or None, key, settings) -> uint8 [N, H, W, C]``: ``N`` images
     of the given classes (None: unconditional, ``N = settings.num_images``) through the same
@@ -297,6 +314,7 @@ def build_stage(config: Any, data_stats: Any, *, source: Any = None, run: Any = 
                         prediction=model.prediction)
     except ValueError as error:
         raise ValueError(f"config.preview.sampler: {error}") from None
+    check_guidance_setting(preview_config.get("guidance_interval", ()), model.conditioner, "config.preview")
     fs = model.first_stage
     if source is None and (fs.kind != "identity" or model.conditioner.kind in NEEDS_CAPTIONS):
         source = build_dataset(config.data)

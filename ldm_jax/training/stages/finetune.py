@@ -53,7 +53,7 @@ from ldm_jax.training.loop import Task
 from ldm_jax.training.optimizer import make_optimizer
 from ldm_jax.training.stages.base import Stage
 from ldm_jax.training.stages.dreambooth import PRIOR_PREFIX, DreamBoothSource, class_images
-from ldm_jax.training.stages.diffusion import make_preview_fn, preview_conditions
+from ldm_jax.training.stages.diffusion import check_guidance_setting, make_preview_fn, preview_conditions
 from ldm_jax.training.stages.finetune_sections import (
     METHODS,
     dreambooth_defaults,
@@ -243,6 +243,7 @@ def build_stage(config: Any, data_stats: Any, *, source: Any = None, run: Any = 
     finetune = load_finetune(config, resolution)
     model = finetune.model
     c = model.conditioner
+    check_guidance_setting(preview_config.get("guidance_interval", ()), c, "config.preview")
     if int(data_stats.channels) != model.first_stage.adapter.image_channels:
         raise ValueError(
             f"the base's first stage takes {model.first_stage.adapter.image_channels}-channel images but the data has "
