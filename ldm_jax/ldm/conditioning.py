@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ldm_jax.diffusion.guidance import drop_conditioning
+from ldm_jax.diffusion.guidance import check_guidance_interval, drop_conditioning
 from ldm_jax.ldm.sections import CONDITIONING_KINDS, choice
 from ldm_jax.models.clip import CLIPTextEncoder
 from ldm_jax.models.conditioning import ClassEmbedder, TextTransformer
@@ -438,6 +438,23 @@ def load_sdxl_conditioner(folder: str, *, dtype: Any = jnp.float32, variant: str
 
 
 # ----------------------------------------------------------------------------- building from a config
+
+
+def check_guidance_setting(interval: Any, conditioner: Any, where: str) -> None:
+    """Refuse, in one line, a ``guidance_interval`` (set, i.e. not ``()``) that is malformed or
+    that a model without a null condition could never apply: silently sampling unguided would
+    make the setting look effective. (``guidance_scale`` itself defaults to 3 for every model
+    and is ignored by unconditional ones, so only the explicit interval is refused.)"""
+    interval = tuple(interval or ())
+    if not interval:
+        return
+    try:
+        check_guidance_interval(interval)
+    except ValueError as error:
+        raise ValueError(f"{where}.{error}") from None
+    if not getattr(conditioner, "has_null", False):
+        raise ValueError(f"{where}.guidance_interval={interval} needs classifier-free guidance, but the model's "
+                         f"conditioning {getattr(conditioner, 'kind', 'none')!r} has no null condition to guide against")
 
 
 def _build_none(cond, drop_prob, num_classes, has_captions):

@@ -36,6 +36,7 @@ import numpy as np
 
 from ldm_jax.diffusion.guidance import check_guidance_interval
 from ldm_jax.evaluation.settings import FEATURE_NETWORKS, METRIC_MODES, eval_defaults
+from ldm_jax.ldm.conditioning import check_guidance_setting
 from ldm_jax.ldm.sections import merge_section
 from ldm_jax.training import mesh as mesh_lib
 from ldm_jax.training.loop import Hook
@@ -169,9 +170,7 @@ def build_eval_hook(config: Any, stage: Any, workdir: str, run: Any,
     kind = getattr(conditioner, "kind", "none")
     if kind not in ("class", "none"):
         raise ValueError(f"config.eval supports class-conditional and unconditional models, not conditioning {kind!r}")
-    if settings.guidance_interval and not getattr(conditioner, "has_null", False):
-        raise ValueError(f"config.eval.guidance_interval={tuple(settings.guidance_interval)} needs classifier-free "
-                         f"guidance, but the model's conditioning {kind!r} has no null condition to guide against")
+    check_guidance_setting(settings.guidance_interval, conditioner, "config.eval")
     num = int(settings.num_samples)
     data_size = mesh_lib.data_parallel_size(run.mesh)
     batch = int(settings.batch_size) or num

@@ -63,7 +63,7 @@ import numpy as np
 from ldm_jax.data import DataLoader, build_dataset
 from ldm_jax.diffusion.guidance import check_guidance_interval
 from ldm_jax.diffusion.samplers import resolve_sampler
-from ldm_jax.ldm.conditioning import NEEDS_CAPTIONS
+from ldm_jax.ldm.conditioning import NEEDS_CAPTIONS, check_guidance_setting
 from ldm_jax.ldm.generation import Program, generate
 from ldm_jax.ldm.model import DiffusionModel, build_model, model_sections, params_fingerprint
 from ldm_jax.ldm.sections import merge_section
@@ -185,23 +185,6 @@ def make_preview_fn(
         return np.round(np.asarray(jax.device_get(images)) * 255.0).astype(np.uint8)
 
     return preview_fn
-
-
-def check_guidance_setting(interval: Any, conditioner: Any, where: str) -> None:
-    """Refuse, in one line, a ``guidance_interval`` (set, i.e. not ``()``) that is malformed or
-    that a model without a null condition could never apply: silently sampling unguided would
-    make the setting look effective. (``guidance_scale`` itself defaults to 3 for every model
-    and is ignored by unconditional ones, so only the explicit interval is refused.)"""
-    interval = tuple(interval or ())
-    if not interval:
-        return
-    try:
-        check_guidance_interval(interval)
-    except ValueError as error:
-        raise ValueError(f"{where}.{error}") from None
-    if not conditioner.has_null:
-        raise ValueError(f"{where}.guidance_interval={interval} needs classifier-free guidance, but the model's "
-                         f"conditioning {conditioner.kind!r} has no null condition to guide against")
 
 
 def make_sample_fn(model: DiffusionModel, frozen_placed: Any, run: Any):

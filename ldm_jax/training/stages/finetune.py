@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ldm_jax.interop.lora_formats import save_lora
+from ldm_jax.ldm.conditioning import check_guidance_setting
 from ldm_jax.ldm.first_stage import LoadedFirstStage, box_like
 from ldm_jax.ldm.model import DiffusionModel, params_fingerprint
 from ldm_jax.ldm.sections import WEIGHTINGS, choice, compute_dtype, merge_section
@@ -53,7 +54,7 @@ from ldm_jax.training.loop import Task
 from ldm_jax.training.optimizer import make_optimizer
 from ldm_jax.training.stages.base import Stage
 from ldm_jax.training.stages.dreambooth import PRIOR_PREFIX, DreamBoothSource, class_images
-from ldm_jax.training.stages.diffusion import check_guidance_setting, make_preview_fn, preview_conditions
+from ldm_jax.training.stages.diffusion import make_preview_fn, preview_conditions
 from ldm_jax.training.stages.finetune_sections import (
     METHODS,
     dreambooth_defaults,
